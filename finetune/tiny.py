@@ -1,0 +1,127 @@
+"""The built-in tiny DiffusionGemma: a small config of the real class, a character tokenizer built locally,
+the generated string tasks, and the short full pre-training that gives LoRA a base worth adapting.
+
+Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import DiffusionGemmaConfig, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<boi>", "<eoi>", "<image>"]
+CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
+
+# Gemma-style turns; the {% generation %} markers let a trainer find the assistant spans.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<end_of_turn>\n{% endgeneration %}"
+    "{% else %}{{ message['content'] }}<end_of_turn>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with Gemma-like special tokens (ids: pad 0, eos 1, bos 2, as in Gemma)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build_config(tokenizer, size: str = "tiny", canvas_length: int = 8) -> DiffusionGemmaConfig:
+    """A small config of the real architecture: sliding and full layers (full ones with their own head_dim and
+    K=V), experts with top-k routing, soft-capped tied head, and a 1-layer vision tower so nothing large is built."""
+    dims = {
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, moe_intermediate_size=32),
+        "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, moe_intermediate_size=64),
+    }[size]
+    n = dims["num_hidden_layers"]
+    text = dict(
+        vocab_size=len(tokenizer),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=dims["hidden_size"] // 4,
+        global_head_dim=dims["hidden_size"] // 2,
+        num_global_key_value_heads=1,
+        layer_types=["full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(n)],
+        sliding_window=16,  # small on purpose: prompts + canvases exceed it, so the sliding path is exercised
+        num_experts=4,
+        top_k_experts=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **dims,
+    )
+    vision = dict(
+        model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    return DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        canvas_length=canvas_length,
+        boi_token_id=ids("<boi>"),
+        eoi_token_id=ids("<eoi>"),
+        image_token_id=ids("<image>"),
+    )
+
+
+# --- generated tasks -------------------------------------------------------------------------------------------
+LETTERS = string.ascii_lowercase
+
+
+def _word(rng: random.Random, lo: int = 3, hi: int = 10) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+
+
+def _shift(word: str) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word)
+
+
+TASKS = {
+    # generic skills for the base pre-training: read the prompt, write characters back in place
+    "copy": lambda w: w,
+    "upper": lambda w: w.upper(),
+    "double": lambda w: "".join(c + c for c in w)[:14],
+    # the fine-tuning task: never seen by the base; each letter moves one step along the alphabet
+    "shift": _shift,
+}
+PRETRAIN_TASKS = ("copy", "upper", "double")
+FINETUNE_TASK = "shift"
+
+
+def task_rows(task: str, n: int, seed: int) -> list[dict]:
+    """``n`` prompt/completion rows of a generated task, deterministic in ``seed``."""
+    rng = random.Random(f"{task}-{seed}")
+    rows = []
+    for _ in range(n):
+        word = _word(rng)
+        rows.append({"prompt": f"{task}: {word}", "completion": TASKS[task](word)})
+    return rows
+
+
+def pretrain_rows(n: int, seed: int) -> list[dict]:
+    per = -(-n // len(PRETRAIN_TASKS))
+    rows = [r for task in PRETRAIN_TASKS for r in task_rows(task, per, seed)]
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
