@@ -1,0 +1,49 @@
+"""What a run leaves behind for a person: the loss-curve PNG and the end-of-run summary."""
+
+from __future__ import annotations
+
+
+def plot_loss(step_losses: list[float], logged: list[dict], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(step_losses) + 1), step_losses, alpha=0.3, label="loss per micro-batch")
+    steps = [e["step"] for e in logged if "loss" in e]
+    if steps:
+        ax.plot(steps, [e["loss"] for e in logged if "loss" in e], marker="o", label="logged (mean)")
+    ax.set_xlabel("micro-batch" if not steps else "step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(metrics: dict, run_dir: str) -> str:
+    lines = ["", "=" * 64, f" Run finished: {metrics['run_name']}", "=" * 64]
+    t = metrics["training"]
+    lines.append(f" steps {t['steps']}   time {t['seconds']:.0f}s   trainable params {t['trainable_params']:,}")
+    lines.append(f" training loss   first {t['loss_first']:.4f}  ->  last {t['loss_last']:.4f}")
+    ev = metrics.get("eval")
+    if ev:
+        lines.append(f" held-out ({ev['examples']} examples)        base      adapter")
+        b, a = ev["base"], ev["adapter"]
+        lines.append(f"   denoising loss (mean of t) {b['heldout_loss_mean']:9.4f}  {a['heldout_loss_mean']:9.4f}")
+        lines.append(f"   exact match                {b['exact_match']:9.1%}  {a['exact_match']:9.1%}")
+        lines.append(f"   tokens per forward         {b['tokens_per_forward']:9.2f}  {a['tokens_per_forward']:9.2f}")
+        verdict = "adapter beats base" if a["exact_match"] > b["exact_match"] or (
+            a["exact_match"] == b["exact_match"] and a["heldout_loss_mean"] < b["heldout_loss_mean"]) else \
+            "adapter does NOT beat base"
+        lines.append(f"   -> {verdict}")
+        for s in a["samples"][:3]:
+            lines.append(f"   e.g. {s['input'][:40]!r} -> {s['output'][:40]!r} (want {s['reference'][:40]!r})")
+    lines.append(f" artifacts in {run_dir}")
+    for name in ("adapter/", "metrics.json", "loss_curve.png", "config.yaml"):
+        lines.append(f"   {name}")
+    lines.append("=" * 64)
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""The training loop: a transformers `Trainer` with our collator and `compute_loss`.
+
+`Trainer` brings the optimizer and schedule, gradient accumulation and clipping, mixed precision, checkpoints
+and resume; stock `SFTTrainer` cannot be used because the model's logits cover one canvas, not the sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from finetune.canvas import Example, collate
+from finetune.objective import ObjectiveConfig, diffusion_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1.5e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 25
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.95
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 0  # 0: no intermediate checkpoints
+    save_total_limit: int = 2
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resume_from_checkpoint: str | None = None
+    disable_tqdm: bool = False
+
+
+class ExampleDataset(Dataset):
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+class DiffusionTrainer(Trainer):
+    """`Trainer` whose loss is the block-diffusion objective; logs its parts next to the total."""
+
+    def __init__(self, *args, objective: ObjectiveConfig, canvas_length: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.canvas_length = canvas_length
+        self.step_losses: list[float] = []  # one per micro-batch, for the loss curve
+        self._parts: dict[str, list[float]] = {"diffusion_loss": [], "ar_loss": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        out = diffusion_loss(base, inputs, self.objective, self.canvas_length)
+        if model.training:
+            self.step_losses.append(float(out.loss.detach()))
+            self._parts["diffusion_loss"].append(float(out.diffusion_loss))
+            self._parts["ar_loss"].append(float(out.ar_loss))
+        return (out.loss, out) if return_outputs else out.loss
+
+    def log(self, logs, *args, **kwargs):
+        for key, values in self._parts.items():
+            if values and "loss" in logs:
+                logs[key] = round(sum(values) / len(values), 4)
+                values.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use_cpu: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": settings.min_lr_ratio},
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        max_grad_norm=settings.max_grad_norm,
+        logging_steps=settings.logging_steps,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        save_total_limit=settings.save_total_limit,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=bf16,
+        use_cpu=use_cpu,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=settings.disable_tqdm,
+        logging_first_step=True,
+    )
+
+
+def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, canvas_length: int, pad_id: int,
+        output_dir: str, bf16: bool = False, use_cpu: bool = True) -> DiffusionTrainer:
+    """Train ``model`` in place on ``examples``; returns the trainer (its state holds the log history)."""
+    trainer = DiffusionTrainer(
+        model=model,
+        args=training_arguments(settings, output_dir, bf16, use_cpu),
+        train_dataset=ExampleDataset(examples),
+        data_collator=lambda batch: collate(batch, pad_id),
+        objective=objective,
+        canvas_length=canvas_length,
+    )
+    trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
+    return trainer
