@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.data import DataSettings, load_splits, render
 from finetune.errors import UserError
 from finetune.model import (
-    LoraSettings, attach_lora, count_parameters, dtype_for, load_model, load_tokenizer, resolve_model_path,
+    LoraSettings, attach_lora, count_parameters, target_regex, dtype_for, load_model, load_tokenizer, resolve_model_path,
 )
 from finetune.objective import ObjectiveConfig
 from finetune.report import plot_loss, summary
@@ -39,10 +39,11 @@ def base_model_path(cfg: DictConfig) -> str:
     return resolve_model_path(cfg.model.name_or_path)
 
 
-def objective_settings(cfg: DictConfig, tokenizer) -> ObjectiveConfig:
+def objective_settings(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
+    """Validated objective settings; without a tokenizer (an early check) a mask token id is not resolved yet."""
     settings = dict(cfg.objective)
     if settings["corruption"] == "mask" and settings["mask_token_id"] is None:
-        settings["mask_token_id"] = tokenizer.mask_token_id
+        settings["mask_token_id"] = tokenizer.mask_token_id if tokenizer is not None else -1
     try:
         objective = ObjectiveConfig(**settings)
     except ValueError as e:
@@ -78,11 +79,13 @@ def run(cfg: DictConfig) -> dict:
     started = time.time()
     device = _device(cfg.hardware.device)
     torch.manual_seed(cfg.seed)
+    objective_settings(cfg)  # settings errors before any download or pre-training
+    target_regex(LoraSettings(**cfg.lora))
+    path = base_model_path(cfg)  # first: a wrong model path fails before anything is written
     run_dir = make_run_dir(cfg)
     OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
     print(f"run directory: {run_dir}")
 
-    path = base_model_path(cfg)
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype_for(cfg.model.dtype, device), device, cfg.model.load_in_4bit,
                        cfg.model.attn_implementation)

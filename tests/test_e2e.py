@@ -1,0 +1,87 @@
+"""The default run from a cold cache, as a fresh clone does it: `python -m finetune`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": str(tmp / "cache")}
+    result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={tmp / 'run'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp, env, result
+
+
+@pytest.mark.slow
+def test_default_run_writes_the_run_directory_and_the_adapter_beats_base(default_run):
+    tmp, _, result = default_run
+    run = tmp / "run"
+    for name in ("config.yaml", "metrics.json", "loss_curve.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "adapter/generation_config.json"):
+        assert (run / name).is_file(), name
+    assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run / "adapter.tmp").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    base, adapter = metrics["eval"]["base"], metrics["eval"]["adapter"]
+    assert adapter["exact_match"] >= base["exact_match"] + 0.5, (base["exact_match"], adapter["exact_match"])
+    assert adapter["heldout_loss_mean"] < base["heldout_loss_mean"]
+    for t, loss in adapter["heldout_loss_by_t"].items():
+        assert loss < base["heldout_loss_by_t"][t], t
+    assert metrics["training"]["loss_last"] < metrics["training"]["loss_first"]
+    assert metrics["seconds_total"] < 300  # the promise: under 5 minutes on 2 CPU cores, pre-training included
+    out = result.stdout
+    assert "Run finished: tiny" in out and "adapter beats base" in out and str(run) in out
+    assert "Pre-training the tiny base once" in out
+
+
+@pytest.mark.slow
+def test_adapter_loads_with_stock_transformers_and_peft_and_does_the_task(default_run):
+    tmp, _, _ = default_run
+    adapter = tmp / "run" / "adapter"
+    code = f"""
+import json, torch
+from peft import PeftModel
+from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+cfg = json.load(open({str(adapter / 'adapter_config.json')!r}))
+base = DiffusionGemmaForBlockDiffusion.from_pretrained(cfg["base_model_name_or_path"])
+model = PeftModel.from_pretrained(base, {str(adapter)!r}).eval()
+tok = AutoTokenizer.from_pretrained({str(adapter)!r})
+ids = tok.apply_chat_template([{{"role": "user", "content": "shift: hello"}}], add_generation_prompt=True,
+                              return_tensors="pt", return_dict=True)["input_ids"]
+torch.manual_seed(0)
+out = model.get_base_model().generate(input_ids=ids)
+print(repr(tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=False)))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ifmmp<end_of_turn>" in result.stdout  # hello shifted by one letter
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_cached_base(default_run):
+    tmp, env, _ = default_run
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", f"output_dir={tmp / 'run2'}", "train.max_steps=5", "eval.enabled=false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Pre-training" not in result.stdout
+    assert (tmp / "run2" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_existing_adapter_is_never_overwritten(default_run):
+    tmp, env, _ = default_run
+    before = (tmp / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={tmp / 'run'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "already holds an adapter" in result.stderr
+    assert (tmp / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before

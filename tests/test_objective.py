@@ -1,0 +1,230 @@
+"""Unit tests of the block-diffusion objective on a tiny random DiffusionGemma."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune.canvas import collate, fill_response
+from finetune.model import LoraSettings, attach_lora, router_parameters
+from finetune.objective import ObjectiveConfig, decode, diffusion_loss, encode, project
+
+C = 8
+
+
+def batch_of(tokenizer, n, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    examples = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 14)))
+        examples.append(fill_response(enc("<bos>copy: " + word + "\n"), enc(word), C, tokenizer.eos_token_id))
+    return collate(examples, tokenizer.pad_token_id)
+
+
+def test_fill_response_always_ends_with_eos_and_fills_whole_canvases():
+    ex = fill_response([5, 6], [7] * 8, 8, eos_id=1)  # response exactly one canvas long
+    assert ex.num_canvases == 2 and len(ex.input_ids) == 2 + 16
+    assert ex.input_ids[2:10] == [7] * 8 and ex.input_ids[10:] == [1] * 8
+    ex = fill_response([5], [7, 7, 7], 8, eos_id=1)
+    assert ex.num_canvases == 1 and ex.input_ids[1:] == [7, 7, 7] + [1] * 5
+
+
+def test_observed_corruption_rate_tracks_t(tiny_model, tokenizer):
+    batch = batch_of(tokenizer, 128)
+    cfg = ObjectiveConfig(self_conditioning_p=0.0, encoder_ar_weight=0.0)
+    vocab = tiny_model.config.text_config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    for t in (0.1, 0.5, 0.9):
+        with torch.no_grad():
+            out = diffusion_loss(tiny_model, batch, cfg, C, generator=g, t=torch.full((128,), t))
+        rate = out.corrupted.float().mean().item()
+        assert abs(rate - t) < 0.04, (t, rate)  # 1024 Bernoulli draws: 4 sigma is < 0.04
+        starts = batch["prompt_lens"] + out.canvas_index * C
+        clean = batch["input_ids"].gather(1, starts[:, None] + torch.arange(C)[None])
+        changed = (out.noisy != clean).float().mean().item()
+        assert abs(changed - t * (1 - 1 / vocab)) < 0.04  # a uniform draw can hit the clean token
+        assert torch.equal(out.noisy[~out.corrupted], clean[~out.corrupted])
+    with torch.no_grad():
+        out = diffusion_loss(tiny_model, batch, cfg, C, generator=g)
+    per_example = out.corrupted.float().mean(1)
+    assert torch.corrcoef(torch.stack([per_example, out.t]))[0, 1] > 0.8  # sampled t drives the rate
+    assert out.t.min() >= cfg.t_min and out.t.max() <= 1.0
+
+
+def test_canvas_choice_is_uniform_over_each_examples_canvases(tiny_model, tokenizer):
+    batch = batch_of(tokenizer, 64)
+    cfg = ObjectiveConfig(self_conditioning_p=0.0, encoder_ar_weight=0.0)
+    counts = torch.zeros(64, 3)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(30):
+            idx = diffusion_loss(tiny_model, batch, cfg, C, generator=g).canvas_index
+            assert (idx < batch["num_canvases"]).all() and (idx >= 0).all()
+            counts[torch.arange(64), idx] += 1
+    two = batch["num_canvases"] == 2
+    assert counts[two][:, 1].sum() / counts[two].sum() == pytest.approx(0.5, abs=0.08)
+
+
+def manual_ce(model, batch, out, positions):
+    """CE at ``positions`` (B, C bool) recomputed from the returned noisy canvas, outside the objective."""
+    _, cache = encode(model, batch["input_ids"])
+    starts = batch["prompt_lens"] + out.canvas_index * C
+    logits = project(model, decode(model, out.noisy, cache, starts))
+    clean = batch["input_ids"].gather(1, starts[:, None] + torch.arange(C)[None])
+    return F.cross_entropy(logits[positions], clean[positions], reduction="none"), positions
+
+
+@pytest.mark.parametrize(
+    "loss_on,weighting", [("supervised", "flat"), ("corrupted", "flat"), ("corrupted", "inverse_t")]
+)
+def test_loss_counts_exactly_the_positions_the_settings_say(tiny_model, tokenizer, loss_on, weighting):
+    batch = batch_of(tokenizer, 6)
+    cfg = ObjectiveConfig(loss_on=loss_on, weighting=weighting, self_conditioning_p=0.0, encoder_ar_weight=0.0)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8, 0.5, 0.3])
+    with torch.no_grad():
+        out = diffusion_loss(tiny_model, batch, cfg, C, generator=torch.Generator().manual_seed(3), t=t)
+        every = torch.ones_like(out.corrupted)
+        positions = out.corrupted if loss_on == "corrupted" else every
+        ce, _ = manual_ce(tiny_model, batch, out, positions)
+    assert out.counted_tokens == int(positions.sum())
+    if weighting == "flat":
+        expected = ce.mean()
+    else:
+        expected = (ce / t[:, None].expand_as(positions)[positions]).sum() / every.sum()
+    torch.testing.assert_close(out.diffusion_loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_corruption_uses_the_mask_token(tiny_model, tokenizer):
+    batch = batch_of(tokenizer, 8)
+    cfg = ObjectiveConfig(corruption="mask", mask_token_id=tokenizer.mask_token_id, self_conditioning_p=0.0,
+                          encoder_ar_weight=0.0)
+    with torch.no_grad():
+        out = diffusion_loss(tiny_model, batch, cfg, C, t=torch.full((8,), 0.5))
+    assert (out.noisy[out.corrupted] == tokenizer.mask_token_id).all()
+    assert not (out.noisy[~out.corrupted] == tokenizer.mask_token_id).any()
+
+
+def test_encoder_ar_loss_is_next_token_ce_on_response_and_first_eos(tiny_model, tokenizer):
+    batch = batch_of(tokenizer, 4)
+    cfg = ObjectiveConfig(self_conditioning_p=0.0, encoder_ar_weight=0.5)
+    with torch.no_grad():
+        out = diffusion_loss(tiny_model, batch, cfg, C, generator=torch.Generator().manual_seed(0))
+        hidden, _ = encode(tiny_model, batch["input_ids"])
+        ces = []
+        for b in range(4):
+            p, r = int(batch["prompt_lens"][b]), int(batch["response_lens"][b])
+            logits = project(tiny_model, hidden[b, p - 1 : p + r])  # predicts tokens p .. p+r (last is EOS)
+            target = batch["input_ids"][b, p : p + r + 1]
+            assert target[-1] == tokenizer.eos_token_id
+            ces.append(F.cross_entropy(logits, target, reduction="none"))
+    torch.testing.assert_close(out.ar_loss, torch.cat(ces).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, out.diffusion_loss + 0.5 * out.ar_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_self_conditioning_first_pass_carries_no_gradient(tiny_model, tokenizer):
+    model = tiny_model.train()
+    batch = batch_of(tokenizer, 4)
+    cfg = ObjectiveConfig(self_conditioning_p=1.0, encoder_ar_weight=0.0)
+    calls = []
+    handle = model.model.decoder.register_forward_hook(
+        lambda mod, args, kwargs_out: calls.append(kwargs_out.last_hidden_state.requires_grad)
+    )
+    g = torch.Generator().manual_seed(0)
+    try:
+        out = diffusion_loss(model, batch, cfg, C, generator=g)
+    finally:
+        handle.remove()
+    assert calls == [False, True]  # first pass built no graph, second does
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    # Same loss with the first pass's logits handed in as constants: identical gradients.
+    _, cache = encode(model, batch["input_ids"])
+    starts = batch["prompt_lens"] + out.canvas_index * C
+    with torch.no_grad():
+        sc = project(model, decode(model, out.noisy, cache, starts))
+    clean = batch["input_ids"].gather(1, starts[:, None] + torch.arange(C)[None])
+    logits = project(model, decode(model, out.noisy, cache, starts, sc.detach(), torch.ones(4, dtype=torch.bool)))
+    F.cross_entropy(logits.flatten(0, 1), clean.flatten()).backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-4)
+
+
+def test_self_conditioning_is_per_example(tiny_model, tokenizer):
+    """An example drawn without self-conditioning gets the zero signal even when others in the batch use it."""
+    batch = batch_of(tokenizer, 2)
+    cfg = ObjectiveConfig(self_conditioning_p=0.0, encoder_ar_weight=0.0)
+    t = torch.tensor([0.7, 0.7])
+    with torch.no_grad():
+        both_off = diffusion_loss(tiny_model, batch, cfg, C, generator=torch.Generator().manual_seed(5), t=t,
+                                  self_conditioning=torch.tensor([False, False]))
+        _, cache = encode(tiny_model, batch["input_ids"])
+        starts = batch["prompt_lens"] + both_off.canvas_index * C
+        plain = decode(tiny_model, both_off.noisy, cache, starts)
+        sc = project(tiny_model, plain)
+        mixed = decode(tiny_model, both_off.noisy, cache, starts, sc, torch.tensor([True, False]))
+    torch.testing.assert_close(mixed[1], plain[1])
+    assert (mixed[0] - plain[0]).abs().max() > 1e-4
+
+
+def test_router_gets_no_gradient_and_does_not_move(tiny_model, tokenizer):
+    model = attach_lora(tiny_model, LoraSettings(r=4, alpha=8))
+    routers = router_parameters(model)
+    assert routers and all(not p.requires_grad for _, p in routers)
+    before = {n: p.detach().clone() for n, p in routers}
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = diffusion_loss(model.get_base_model(), batch_of(tokenizer, 4), ObjectiveConfig(), C)
+    out.loss.backward()
+    assert all(p.grad is None for _, p in routers)
+    opt.step()
+    for n, p in routers:
+        assert torch.equal(p, before[n]), n
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("vision" in n or "self_conditioning" in n or "experts" in n for n in trainable)
+
+
+def test_tied_encoder_decoder_weights_stay_tied_after_a_full_step(tiny_model, tokenizer):
+    model = tiny_model.train()
+    enc = model.model.encoder.language_model
+    dec = model.model.decoder
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = dec.layers[0].self_attn.q_proj.weight.detach().clone()
+    diffusion_loss(model, batch_of(tokenizer, 4), ObjectiveConfig(), C).loss.backward()
+    opt.step()
+    assert not torch.equal(dec.layers[0].self_attn.q_proj.weight, before)  # it did train
+    for i in range(len(dec.layers)):
+        assert enc.layers[i].self_attn.q_proj.weight is dec.layers[i].self_attn.q_proj.weight
+        assert enc.layers[i].mlp.down_proj.weight is dec.layers[i].mlp.down_proj.weight
+        assert enc.layers[i].experts.gate_up_proj is dec.layers[i].experts.gate_up_proj
+    assert enc.embed_tokens.weight is dec.embed_tokens.weight is model.lm_head.weight
+
+
+def test_shared_lora_stays_tied_after_a_step(tiny_model, tokenizer):
+    model = attach_lora(tiny_model, LoraSettings(r=4, alpha=8, placement="shared"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    diffusion_loss(model.get_base_model(), batch_of(tokenizer, 4), ObjectiveConfig(), C).loss.backward()
+    opt.step()
+    base = model.get_base_model().model
+    for i, layer in enumerate(base.decoder.layers):
+        for enc_mod, dec_mod in ((base.encoder.language_model.layers[i].self_attn.q_proj, layer.self_attn.q_proj),
+                                 (base.encoder.language_model.layers[i].mlp.up_proj, layer.mlp.up_proj)):
+            assert enc_mod.lora_A["default"].weight is dec_mod.lora_A["default"].weight
+            assert enc_mod.lora_B["default"].weight is dec_mod.lora_B["default"].weight
+            assert enc_mod.lora_B["default"].weight.abs().sum() > 0  # B moved off its zero init
+
+
+def test_decoder_placement_leaves_encoder_frozen_and_runs_it_without_graph(tiny_model, tokenizer):
+    model = attach_lora(tiny_model, LoraSettings(r=4, alpha=8, placement="decoder"))
+    base = model.get_base_model()
+    assert not any(p.requires_grad for p in base.model.encoder.parameters())
+    model.train()
+    out = diffusion_loss(base, batch_of(tokenizer, 4), ObjectiveConfig(encoder_ar_weight=0.0), C)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads)
