@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 
-def plot_loss(step_losses: list[float], logged: list[dict], path: str):
+def plot_loss(step_losses: list[float], logged: list[dict], path: str, grad_accum: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(step_losses) + 1), step_losses, alpha=0.3, label="loss per micro-batch")
+    x = [(i + 1) / grad_accum for i in range(len(step_losses))]
+    ax.plot(x, step_losses, alpha=0.3, label="loss per micro-batch")
     steps = [e["step"] for e in logged if "loss" in e]
     if steps:
         ax.plot(steps, [e["loss"] for e in logged if "loss" in e], marker="o", label="logged (mean)")
-    ax.set_xlabel("micro-batch" if not steps else "step")
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)

@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> dict:
         },
         "data": {"train": vars(train_stats), "eval": vars(eval_stats)},
     }
-    plot_loss(losses, logged, os.path.join(run_dir, "loss_curve.png"))
+    plot_loss(losses, logged, os.path.join(run_dir, "loss_curve.png"), train_settings.grad_accum)
 
     if cfg.eval.enabled:
         from eval.compare import compare
