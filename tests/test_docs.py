@@ -1,0 +1,59 @@
+"""The docs are true to the code: the Quickstart is two commands that CI runs, and every `python -m finetune`
+command the README and playbooks print composes a valid config (the GPU ones cannot train here)."""
+
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def code_blocks(text):
+    return re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S)
+
+
+def test_quickstart_is_two_commands_and_ci_runs_the_same():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Quickstart", 1)[1]
+    commands = [line for line in code_blocks(section)[0].splitlines() if line.strip()]
+    assert len(commands) == 2, commands
+    install_and_run, test = commands
+    assert install_and_run.endswith("python -m finetune")
+    assert test == "python -m pytest"
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert re.search(r"^python -m pytest$", ci, flags=re.M)
+    for step in ("python3 -m venv .venv", "pip install -q torch==2.13.0", 'pip install -q -e ".[dev]"'):
+        assert step in ci
+    for step in ("python3 -m venv .venv", "pip install torch==2.13.0", 'pip install -e ".[dev]"'):
+        assert step in install_and_run
+
+
+def documented_commands():
+    found = []
+    for path in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "playbooks", "*", "README.md")):
+        for block in code_blocks(open(path).read()):
+            for line in block.splitlines():
+                line = line.split("  #", 1)[0].strip()
+                if line.startswith("python -m finetune ") and "<" not in line:
+                    found.append((os.path.relpath(path, ROOT), line))
+    return found
+
+
+@pytest.mark.parametrize("where,command", documented_commands())
+def test_documented_commands_compose(where, command):
+    args = [a for a in shlex.split(command)[3:] if a not in ("--cfg", "job")]
+    result = subprocess.run([sys.executable, "-m", "finetune", *args, "--cfg", "job"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, f"{where}: {command}\n{result.stderr}"
+
+
+def test_docs_name_only_recipes_that_exist():
+    recipes = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "recipes", "*.yaml"))}
+    for path in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "playbooks", "*", "README.md")):
+        for name in re.findall(r"recipe=(\w+)", open(path).read()):
+            assert name in recipes, (path, name)
