@@ -12,29 +12,21 @@ def exact_match(prediction: str, reference: str) -> bool:
     return prediction.strip() == reference.strip()
 
 
-def reference_of(row: dict) -> str:
-    if "completion" in row:
-        return row["completion"]
-    return row["messages"][-1]["content"]
+def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, eval_cfg) -> dict:
+    """Score the base (adapter disabled) and the adapter on the same inputs; returns a JSON-ready dict.
 
-
-def question_of(row: dict) -> str:
-    if "prompt" in row and isinstance(row["prompt"], str):
-        return row["prompt"]
-    return [m for m in row["messages"] if m["role"] == "user"][-1]["content"]
-
-
-def compare(peft_model, tokenizer, rows, prompts, examples, objective, canvas_length, eval_cfg) -> dict:
-    """Score the base (adapter disabled) and the adapter on the same inputs; returns a JSON-ready dict."""
+    ``pairs`` are (generation prompt, reference answer, question) from `finetune.data.eval_prompts`.
+    """
     gen = GenerationSettings(**eval_cfg["generation"])
-    rows, prompts = rows[: eval_cfg["max_examples"]], prompts[: eval_cfg["max_examples"]]
-    refs = [reference_of(r) for r in rows]
+    pairs = pairs[: eval_cfg["max_examples"]]
+    prompts = [p for p, _, _ in pairs]
+    refs = [r for _, r, _ in pairs]
     loss_kwargs = dict(
         objective=objective, canvas_length=canvas_length, pad_id=tokenizer.pad_token_id,
         t_values=tuple(eval_cfg["loss_t"]), batches=eval_cfg["loss_batches"], seed=gen.seed,
     )
     peft_model.eval()
-    report = {"generation_settings": asdict(gen), "examples": len(rows)}
+    report = {"generation_settings": asdict(gen), "examples": len(pairs)}
     for name in ("base", "adapter"):
         if name == "base":
             with peft_model.disable_adapter():
@@ -49,7 +41,7 @@ def compare(peft_model, tokenizer, rows, prompts, examples, objective, canvas_le
             "heldout_loss_mean": sum(losses.values()) / len(losses),
             "exact_match": sum(hits) / max(len(hits), 1),
             "tokens_per_forward": sum(g.tokens_per_forward for g in gens) / max(len(gens), 1),
-            "samples": [{"input": question_of(r), "reference": ref, "output": g.text}
-                        for r, ref, g in list(zip(rows, refs, gens))[:8]],
+            "samples": [{"input": q, "reference": ref, "output": g.text}
+                        for (_, ref, q), g in list(zip(pairs, gens))[:8]],
         }
     return report

@@ -63,10 +63,12 @@ class LossOutput:
     diffusion_loss: torch.Tensor  # detached parts, for logging
     ar_loss: torch.Tensor
     counted_tokens: int  # positions the diffusion loss read
-    t: torch.Tensor  # (B,) noise level per example
-    canvas_index: torch.Tensor  # (B,) canvas chosen per example
-    corrupted: torch.Tensor  # (B, C) bool, positions replaced by noise
-    noisy: torch.Tensor  # (B, C) the decoder's input canvas
+    t: torch.Tensor  # (T,) noise level per target
+    canvas_index: torch.Tensor  # (T,) canvas chosen per target
+    corrupted: torch.Tensor  # (T, C) bool, positions replaced by noise
+    noisy: torch.Tensor  # (T, C) the decoder's input canvas per target
+    per_target_loss: torch.Tensor  # (T,) summed (weighted) CE of each target's counted tokens
+    targets: torch.Tensor  # (T, C) the clean canvas each target was scored against
 
 
 def project(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -100,12 +102,18 @@ def encode(model, input_ids: torch.Tensor):
 
 
 def decode(model, canvas, cache, canvas_starts, self_conditioning_logits=None, self_conditioning_mask=None):
-    """Decoder pass over one canvas per example (canvas k of example b starts at ``canvas_starts[b]``)."""
+    """Decoder pass over K canvases per example: ``canvas`` is (B, K*C), ``canvas_starts`` (B, K) or (B,).
+
+    Canvas k of row b sits at positions ``canvas_starts[b, k] + 0..C-1`` and sees the cache before it and itself.
+    """
+    if canvas_starts.dim() == 1:
+        canvas_starts = canvas_starts[:, None]
     text_config = model.config.text_config
-    canvas_length = canvas.shape[1]
+    canvas_length = canvas.shape[1] // canvas_starts.shape[1]
     cache_len = cache.get_seq_length()
     masks = decoder_masks(canvas_starts, cache_len, canvas_length, _layers_sliding_window(text_config))
-    positions = canvas_starts[:, None] + torch.arange(canvas_length, device=canvas.device)[None]
+    offsets = torch.arange(canvas_length, device=canvas.device)
+    positions = (canvas_starts[:, :, None] + offsets).flatten(1)
     return model.model.decoder(
         decoder_input_ids=canvas,
         past_key_values=cache,
@@ -120,6 +128,14 @@ def _rand(shape, generator, device):
     return torch.rand(shape, generator=generator, device=device if generator is None else generator.device).to(device)
 
 
+def _layout(target_example: torch.Tensor, batch_size: int):
+    """Slot of each target in its example's row of canvases: (slot (T,), K = most targets in one example)."""
+    counts = torch.bincount(target_example, minlength=batch_size)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(target_example), device=target_example.device) - first[target_example]
+    return slot, int(counts.max())
+
+
 def diffusion_loss(
     model,
     batch: dict[str, torch.Tensor],
@@ -129,66 +145,87 @@ def diffusion_loss(
     t: torch.Tensor | None = None,
     canvas_index: torch.Tensor | None = None,
     self_conditioning: torch.Tensor | None = None,
+    noisy: torch.Tensor | None = None,
 ) -> LossOutput:
     """Compute the block-diffusion loss for a collated batch (see `finetune.canvas.collate`).
 
-    ``t``, ``canvas_index`` and ``self_conditioning`` fix what is otherwise sampled (for evaluation at fixed noise
-    levels and for tests); ``generator`` makes the sampling reproducible.
+    Every target (assistant turn) gets one canvas, chosen uniformly among its canvases, its own t and noise;
+    all targets of an example share one encoder pass and go through one decoder call. ``t``, ``canvas_index``,
+    ``self_conditioning`` (per example) and ``noisy`` (the corrupted canvases) fix what is otherwise sampled, for
+    evaluation at fixed noise levels and for tests; ``generator`` makes the sampling reproducible.
     """
     ids = batch["input_ids"]
     device = ids.device
     bsz = ids.shape[0]
     vocab = model.config.text_config.vocab_size
-    prompt_lens, response_lens = batch["prompt_lens"].to(device), batch["response_lens"].to(device)
+    target_example = batch["target_example"].to(device)
     num_canvases = batch["num_canvases"].to(device)
+    n_targets = len(target_example)
 
     encoder_trains = any(p.requires_grad for p in model.model.encoder.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
         enc_hidden, cache = encode(model, ids)
 
     if canvas_index is None:
-        canvas_index = (_rand(bsz, generator, device) * num_canvases).long().clamp_max(num_canvases - 1)
-    starts = prompt_lens + canvas_index * canvas_length
+        canvas_index = (_rand(n_targets, generator, device) * num_canvases).long().clamp_max(num_canvases - 1)
+    canvas_index = canvas_index.to(device)
     offsets = torch.arange(canvas_length, device=device)[None]
-    targets = ids.gather(1, starts[:, None] + offsets)
-    supervised = torch.ones_like(targets, dtype=torch.bool)  # the canvas region is response or supervised EOS fill
+    targets = batch["target_tokens"].to(device).gather(1, canvas_index[:, None] * canvas_length + offsets)
+    supervised = torch.ones_like(targets, dtype=torch.bool)  # a canvas is response or supervised EOS fill
+    starts = batch["target_start"].to(device) + canvas_index * canvas_length
 
     if t is None:
-        t = cfg.t_min + (1.0 - cfg.t_min) * _rand(bsz, generator, device)
+        t = cfg.t_min + (1.0 - cfg.t_min) * _rand(n_targets, generator, device)
     t = t.to(device=device, dtype=torch.float32)
-    corrupted = (_rand((bsz, canvas_length), generator, device) < t[:, None]) & supervised
-    if cfg.corruption == "uniform":
-        gen_device = device if generator is None else generator.device
-        noise = torch.randint(0, vocab, (bsz, canvas_length), generator=generator, device=gen_device).to(device)
+    if noisy is None:
+        corrupted = (_rand((n_targets, canvas_length), generator, device) < t[:, None]) & supervised
+        if cfg.corruption == "uniform":
+            gen_device = device if generator is None else generator.device
+            noise = torch.randint(0, vocab, (n_targets, canvas_length), generator=generator, device=gen_device)
+            noise = noise.to(device)
+        else:
+            noise = torch.full_like(targets, cfg.mask_token_id)
+        noisy = torch.where(corrupted, noise, targets)
     else:
-        noise = torch.full_like(targets, cfg.mask_token_id)
-    noisy = torch.where(corrupted, noise, targets)
+        noisy = noisy.to(device)
+        corrupted = noisy != targets
+
+    # Lay the targets out as K canvas slots per example (unused slots: a pad canvas that sees only itself).
+    slot, k_slots = _layout(target_example, bsz)
+    row_canvas = torch.full((bsz, k_slots, canvas_length), 0, dtype=torch.long, device=device)
+    row_canvas[target_example, slot] = noisy
+    row_starts = torch.zeros((bsz, k_slots), dtype=torch.long, device=device)
+    row_starts[target_example, slot] = starts
+    row_canvas = row_canvas.flatten(1)
 
     if self_conditioning is None:
         self_conditioning = _rand(bsz, generator, device) < cfg.self_conditioning_p
+    self_conditioning = self_conditioning.to(device)
     sc_logits = None
     if bool(self_conditioning.any()):
         # First pass without gradient, exactly like generation's first denoising step (zero SC signal).
         with torch.no_grad():
-            sc_logits = project(model, decode(model, noisy, cache, starts)).to(model.lm_head.weight.dtype)
-    hidden = decode(model, noisy, cache, starts, sc_logits, self_conditioning if sc_logits is not None else None)
+            sc_logits = project(model, decode(model, row_canvas, cache, row_starts)).to(model.lm_head.weight.dtype)
+    hidden = decode(model, row_canvas, cache, row_starts, sc_logits, self_conditioning if sc_logits is not None else None)
+    hidden = hidden.view(bsz, k_slots, canvas_length, -1)[target_example, slot]  # (T, C, H), target order
 
     counted = corrupted if cfg.loss_on == "corrupted" else supervised
     ce = F.cross_entropy(project(model, hidden[counted]), targets[counted], reduction="none")
-    if cfg.weighting == "inverse_t":
-        # Unbiased ELBO-style estimate: sum of CE/t over corrupted tokens, normalised by all supervised tokens.
-        weights = (1.0 / t)[:, None].expand_as(counted)[counted]
-        diff = (ce * weights).sum() / supervised.sum().clamp_min(1)
-    else:
-        diff = ce.sum() / counted.sum().clamp_min(1)
+    weights = (1.0 / t)[:, None].expand_as(counted)[counted] if cfg.weighting == "inverse_t" else torch.ones_like(ce)
+    per_target = torch.zeros(n_targets, device=device).index_add(
+        0, torch.arange(n_targets, device=device)[:, None].expand_as(counted)[counted], ce * weights
+    )
+    # flat: mean CE over counted tokens. inverse_t: an unbiased ELBO-style estimate, the sum of CE/t over
+    # corrupted tokens normalised by all supervised tokens.
+    denominator = supervised.sum() if cfg.weighting == "inverse_t" else counted.sum()
+    diff = per_target.sum() / denominator.clamp_min(1)
     if counted.sum() == 0:
         diff = hidden.sum() * 0.0  # keeps the graph; nothing to score in this batch
 
     ar = torch.zeros((), device=device)
     if cfg.encoder_ar_weight > 0:
-        # Next-token loss on the response and its first EOS, read from the encoder's hidden states.
-        pos = torch.arange(ids.shape[1], device=device)[None]
-        target_mask = (pos >= prompt_lens[:, None]) & (pos <= (prompt_lens + response_lens)[:, None])
+        # Next-token loss on each target's response (and the final EOS), read from the encoder's hidden states.
+        target_mask = batch["ar_mask"].to(device)
         ar = F.cross_entropy(project(model, enc_hidden[:, :-1][target_mask[:, 1:]]), ids[:, 1:][target_mask[:, 1:]])
     loss = diff + cfg.encoder_ar_weight * ar if cfg.encoder_ar_weight > 0 else diff
     return LossOutput(
@@ -200,4 +237,6 @@ def diffusion_loss(
         canvas_index=canvas_index,
         corrupted=corrupted,
         noisy=noisy,
+        per_target_loss=per_target.detach(),
+        targets=targets,
     )

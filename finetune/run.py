@@ -11,7 +11,8 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.data import DataSettings, load_splits, render
+from finetune import preflight
+from finetune.data import DataSettings, eval_prompts
 from finetune.errors import UserError
 from finetune.model import (
     LoraSettings, attach_lora, count_parameters, target_regex, dtype_for, load_model, load_tokenizer, resolve_model_path,
@@ -80,6 +81,7 @@ def run(cfg: DictConfig) -> dict:
     device = _device(cfg.hardware.device)
     torch.manual_seed(cfg.seed)
     objective_settings(cfg)  # settings errors before any download or pre-training
+    data_settings = DataSettings(**OmegaConf.to_container(cfg.data))
     target_regex(LoraSettings(**cfg.lora))
     path = base_model_path(cfg)  # first: a wrong model path fails before anything is written
     run_dir = make_run_dir(cfg)
@@ -92,11 +94,11 @@ def run(cfg: DictConfig) -> dict:
     canvas_length = model.config.canvas_length
     objective = objective_settings(cfg, tokenizer)
 
-    data_settings = DataSettings(**OmegaConf.to_container(cfg.data))
-    train_rows, train_ex, train_stats, eval_rows, eval_ex, eval_stats = load_splits(
-        data_settings, tokenizer, canvas_length)
-    print(f"data: train {train_stats.kept}/{train_stats.read} kept, eval {eval_stats.kept}/{eval_stats.read} kept"
-          + (f", dropped {train_stats.dropped}" if train_stats.dropped else ""))
+    text, preflight_data, splits = preflight.report(data_settings, tokenizer, canvas_length)
+    preflight.write(run_dir, text, preflight_data)
+    train_rows, train_ex, train_stats, eval_rows, eval_ex, eval_stats = splits
+    print(f"data: train {train_stats.kept}/{train_stats.read} rows kept ({train_stats.targets} turns), "
+          f"eval {eval_stats.kept}/{eval_stats.read} (details: {run_dir}/preflight.txt)")
 
     peft_model = attach_lora(model, LoraSettings(**cfg.lora))
     trainable, total = count_parameters(peft_model)
@@ -122,15 +124,15 @@ def run(cfg: DictConfig) -> dict:
             "loss_last": sum(losses[-10:]) / len(losses[-10:]),
             "log_history": trainer.state.log_history,
         },
-        "data": {"train": vars(train_stats), "eval": vars(eval_stats)},
+        "data": {"train": train_stats.summary(), "eval": eval_stats.summary()},
     }
     plot_loss(losses, logged, os.path.join(run_dir, "loss_curve.png"), train_settings.grad_accum)
 
     if cfg.eval.enabled:
         from eval.compare import compare
 
-        prompts = [render(r, tokenizer, data_settings, "eval")[0] for r in eval_rows]
-        metrics["eval"] = compare(peft_model, tokenizer, eval_rows, prompts, eval_ex, objective, canvas_length,
+        pairs = eval_prompts(eval_rows, tokenizer, data_settings)
+        metrics["eval"] = compare(peft_model, tokenizer, pairs, eval_ex, objective, canvas_length,
                                   OmegaConf.to_container(cfg.eval))
     metrics["seconds_total"] = time.time() - started
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:

@@ -16,27 +16,26 @@ from dataclasses import asdict, dataclass
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import DiffusionGemmaConfig, PreTrainedTokenizerFast
 
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<boi>", "<eoi>", "<image>"]
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<boi>", "<eoi>", "<image>"]
+# The markup tokens of DiffusionGemma's (Gemma 4's) chat template, so the real template renders as-is.
+MARKUP = [
+    "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|tool_call>",
+    "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|image|>", "<|audio|>", "<|video|>",
+]
+END_OF_TURN = "<turn|>"
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
-
-# Gemma-style turns; the {% generation %} markers let a trainer find the assistant spans.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "<start_of_turn>{{ role }}\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<end_of_turn>\n{% endgeneration %}"
-    "{% else %}{{ message['content'] }}<end_of_turn>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with Gemma-like special tokens (ids: pad 0, eos 1, bos 2, as in Gemma)."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    """A character-level tokenizer with DiffusionGemma's special tokens (pad 0, eos 1, bos 2, as in Gemma) and
+    its released chat template (the copy TRL ships), so the data path runs on the real markup."""
+    from trl.chat_template_utils import diffusion_gemma_chat_template
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + MARKUP + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(SPECIALS + MARKUP)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
@@ -44,8 +43,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         unk_token="<unk>",
         mask_token="<mask>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=MARKUP,
+        chat_template=diffusion_gemma_chat_template,
         model_max_length=4096,
     )
 
@@ -132,7 +131,7 @@ def pretrain_rows(n: int, seed: int) -> list[dict]:
 
 
 # --- the cached tiny base ----------------------------------------------------------------------------------------
-BASE_VERSION = 1  # bump when the tiny base recipe changes, so caches are rebuilt
+BASE_VERSION = 2  # bump when the tiny base recipe changes, so caches are rebuilt
 
 
 @dataclass
@@ -157,7 +156,7 @@ def generation_config(tokenizer, canvas_length: int):
 
     return DiffusionGemmaGenerationConfig(
         max_new_tokens=2 * canvas_length,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)],
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )

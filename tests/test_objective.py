@@ -11,7 +11,7 @@ from finetune.objective import ObjectiveConfig, decode, diffusion_loss, encode, 
 C = 8
 
 
-def batch_of(tokenizer, n, seed=0):
+def batch_of(tokenizer, n, seed=0, with_examples=False):
     import random
 
     rng = random.Random(seed)
@@ -20,15 +20,17 @@ def batch_of(tokenizer, n, seed=0):
     for _ in range(n):
         word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 14)))
         examples.append(fill_response(enc("<bos>copy: " + word + "\n"), enc(word), C, tokenizer.eos_token_id))
-    return collate(examples, tokenizer.pad_token_id)
+    batch = collate(examples, tokenizer.pad_token_id)
+    return (batch, examples) if with_examples else batch
 
 
 def test_fill_response_always_ends_with_eos_and_fills_whole_canvases():
     ex = fill_response([5, 6], [7] * 8, 8, eos_id=1)  # response exactly one canvas long
-    assert ex.num_canvases == 2 and len(ex.input_ids) == 2 + 16
-    assert ex.input_ids[2:10] == [7] * 8 and ex.input_ids[10:] == [1] * 8
+    assert ex.num_canvases == 2 and ex.targets[0].tokens == [7] * 8 + [1] * 8
+    assert ex.input_ids == [5, 6] + [7] * 8 + [1]  # the encoder reads the response and one EOS
     ex = fill_response([5], [7, 7, 7], 8, eos_id=1)
-    assert ex.num_canvases == 1 and ex.input_ids[1:] == [7, 7, 7] + [1] * 5
+    assert ex.num_canvases == 1 and ex.targets[0].tokens == [7, 7, 7] + [1] * 5
+    assert ex.targets[0].ar_len == 4
 
 
 def test_observed_corruption_rate_tracks_t(tiny_model, tokenizer):
@@ -41,8 +43,7 @@ def test_observed_corruption_rate_tracks_t(tiny_model, tokenizer):
             out = diffusion_loss(tiny_model, batch, cfg, C, generator=g, t=torch.full((128,), t))
         rate = out.corrupted.float().mean().item()
         assert abs(rate - t) < 0.04, (t, rate)  # 1024 Bernoulli draws: 4 sigma is < 0.04
-        starts = batch["prompt_lens"] + out.canvas_index * C
-        clean = batch["input_ids"].gather(1, starts[:, None] + torch.arange(C)[None])
+        clean = out.targets
         changed = (out.noisy != clean).float().mean().item()
         assert abs(changed - t * (1 - 1 / vocab)) < 0.04  # a uniform draw can hit the clean token
         assert torch.equal(out.noisy[~out.corrupted], clean[~out.corrupted])
@@ -64,15 +65,16 @@ def test_canvas_choice_is_uniform_over_each_examples_canvases(tiny_model, tokeni
             assert (idx < batch["num_canvases"]).all() and (idx >= 0).all()
             counts[torch.arange(64), idx] += 1
     two = batch["num_canvases"] == 2
+    assert two.any() and (~two).any()
     assert counts[two][:, 1].sum() / counts[two].sum() == pytest.approx(0.5, abs=0.08)
 
 
 def manual_ce(model, batch, out, positions):
     """CE at ``positions`` (B, C bool) recomputed from the returned noisy canvas, outside the objective."""
     _, cache = encode(model, batch["input_ids"])
-    starts = batch["prompt_lens"] + out.canvas_index * C
+    starts = batch["target_start"] + out.canvas_index * C
     logits = project(model, decode(model, out.noisy, cache, starts))
-    clean = batch["input_ids"].gather(1, starts[:, None] + torch.arange(C)[None])
+    clean = batch["target_tokens"].gather(1, out.canvas_index[:, None] * C + torch.arange(C)[None])
     return F.cross_entropy(logits[positions], clean[positions], reduction="none"), positions
 
 
@@ -107,14 +109,14 @@ def test_mask_corruption_uses_the_mask_token(tiny_model, tokenizer):
 
 
 def test_encoder_ar_loss_is_next_token_ce_on_response_and_first_eos(tiny_model, tokenizer):
-    batch = batch_of(tokenizer, 4)
+    batch, batch_examples = batch_of(tokenizer, 4, with_examples=True)
     cfg = ObjectiveConfig(self_conditioning_p=0.0, encoder_ar_weight=0.5)
     with torch.no_grad():
         out = diffusion_loss(tiny_model, batch, cfg, C, generator=torch.Generator().manual_seed(0))
         hidden, _ = encode(tiny_model, batch["input_ids"])
         ces = []
         for b in range(4):
-            p, r = int(batch["prompt_lens"][b]), int(batch["response_lens"][b])
+            p, r = int(batch["target_start"][b]), batch_examples[b].targets[0].response_len
             logits = project(tiny_model, hidden[b, p - 1 : p + r])  # predicts tokens p .. p+r (last is EOS)
             target = batch["input_ids"][b, p : p + r + 1]
             assert target[-1] == tokenizer.eos_token_id
@@ -142,10 +144,10 @@ def test_self_conditioning_first_pass_carries_no_gradient(tiny_model, tokenizer)
     model.zero_grad()
     # Same loss with the first pass's logits handed in as constants: identical gradients.
     _, cache = encode(model, batch["input_ids"])
-    starts = batch["prompt_lens"] + out.canvas_index * C
+    starts = batch["target_start"] + out.canvas_index * C
     with torch.no_grad():
         sc = project(model, decode(model, out.noisy, cache, starts))
-    clean = batch["input_ids"].gather(1, starts[:, None] + torch.arange(C)[None])
+    clean = out.targets
     logits = project(model, decode(model, out.noisy, cache, starts, sc.detach(), torch.ones(4, dtype=torch.bool)))
     F.cross_entropy(logits.flatten(0, 1), clean.flatten()).backward()
     for n, p in model.named_parameters():
@@ -162,7 +164,7 @@ def test_self_conditioning_is_per_example(tiny_model, tokenizer):
         both_off = diffusion_loss(tiny_model, batch, cfg, C, generator=torch.Generator().manual_seed(5), t=t,
                                   self_conditioning=torch.tensor([False, False]))
         _, cache = encode(tiny_model, batch["input_ids"])
-        starts = batch["prompt_lens"] + both_off.canvas_index * C
+        starts = batch["target_start"] + both_off.canvas_index * C
         plain = decode(tiny_model, both_off.noisy, cache, starts)
         sc = project(tiny_model, plain)
         mixed = decode(tiny_model, both_off.noisy, cache, starts, sc, torch.tensor([True, False]))

@@ -40,6 +40,8 @@ def generate_logits(model, context_ids, noisy, sc_logits=None):
 def make_batch(tokenizer, prompts, responses, canvas_length):
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     examples = [fill_response(enc(p), enc(r), canvas_length, tokenizer.eos_token_id) for p, r in zip(prompts, responses)]
+    for e in examples:  # the encoder's sequence holds the real response only; the fill lives in the target
+        e.input_ids = e.input_ids[: e.prompt_len] + e.targets[0].tokens
     return collate(examples, tokenizer.pad_token_id), examples
 
 
@@ -60,7 +62,7 @@ def test_training_logits_equal_generate_logits_for_every_canvas(tiny_model, toke
         _, cache = encode(model, batch["input_ids"])  # one causal pass over the right-padded batch
         for k in range(max(e.num_canvases for e in examples)):
             idx = torch.tensor([min(k, e.num_canvases - 1) for e in examples])
-            starts = batch["prompt_lens"] + idx * C
+            starts = batch["target_start"] + idx * C
             noisy = torch.randint(0, vocab, (len(examples), C), generator=g)
             sc = torch.randn(len(examples), C, vocab, generator=g) * 3 if with_sc else None
             mask = torch.ones(len(examples), dtype=torch.bool) if with_sc else None
@@ -78,9 +80,9 @@ def test_projection_matches_model_forward(tiny_model, tokenizer):
     C = model.config.canvas_length
     batch, _ = make_batch(tokenizer, PROMPTS[1:], RESPONSES[1:], C)
     with torch.no_grad():
-        _, cache = encode(model, batch["input_ids"][:, : int(batch["prompt_lens"][0])])
-        canvas = batch["input_ids"][:, int(batch["prompt_lens"][0]) :][:, :C]
-        ours = project(model, decode(model, canvas, cache, batch["prompt_lens"]))
+        _, cache = encode(model, batch["input_ids"][:, : int(batch["target_start"][0])])
+        canvas = batch["target_tokens"][:, :C]
+        ours = project(model, decode(model, canvas, cache, batch["target_start"]))
         theirs = model(past_key_values=cache, decoder_input_ids=canvas).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 

@@ -1,0 +1,135 @@
+"""python -m finetune.preflight recipe=NAME [data.train=...]: what the data will look like to training, without
+training. Prints rows read / kept / dropped with reasons, bad rows, length histograms, canvases per example, and
+a few rendered examples with the supervised span and the EOS fill marked."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from finetune.data import DataSettings, Stats, load_splits
+
+SPAN_OPEN, SPAN_CLOSE = "⟦", "⟧"
+
+
+def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:
+    if not values:
+        return ["  (none)"]
+    lo, hi = min(values), max(values)
+    step = max(1, -(-(hi - lo + 1) // bins))
+    edges = list(range(lo, hi + 1, step))
+    counts = [sum(1 for v in values if e <= v < e + step) for e in edges]
+    top = max(counts)
+    return [f"  {e:>6}-{e + step - 1:<6} {'#' * max(1 if c else 0, round(width * c / top)):<{width}} {c}"
+            for e, c in zip(edges, counts)]
+
+
+def show_example(example, tokenizer) -> str:
+    """The sequence with each supervised span in ⟦ ⟧ and its EOS fill as ⟦<eos> x N⟧."""
+    ids = example.input_ids
+    pieces, pos = [], 0
+    for t in example.targets:
+        pieces.append(tokenizer.decode(ids[pos : t.start]))
+        pieces.append(SPAN_OPEN + tokenizer.decode(t.tokens[: t.response_len]) + SPAN_CLOSE)
+        fill = len(t.tokens) - t.response_len
+        if fill:
+            pieces.append(f"{SPAN_OPEN}{tokenizer.eos_token} x {fill}{SPAN_CLOSE}")
+        pos = t.start + t.response_len
+    head = (f"--- example from {example.meta.get('where', example.row)}: {len(example.targets)} target(s), "
+            f"sequence {len(ids)} tokens, canvases {[t.num_canvases for t in example.targets]}")
+    return head + "\n" + "".join(pieces)
+
+
+def stats_lines(stats: Stats, canvas_length: int) -> list[str]:
+    lines = [f"[{stats.name}]", f"rows read {stats.read}   kept {stats.kept}   "
+             f"dropped {sum(stats.dropped.values())}   bad {stats.bad_count}"]
+    for reason, n in sorted(stats.dropped.items()):
+        lines.append(f"  dropped {n}: {reason}")
+    lines.append(f"targets (supervised turns) {stats.targets}   truncated {stats.truncated}")
+    for reason, n in sorted(stats.targets_dropped.items()):
+        lines.append(f"  turns dropped {n}: {reason}")
+    if stats.thinking_stripped:
+        lines.append(f"  reasoning removed from {stats.thinking_stripped} rows (data.thinking=false)")
+    for where, message in stats.bad_rows:
+        lines.append(f"  bad row {where}: {message}")
+    if stats.bad_count > len(stats.bad_rows):
+        lines.append(f"  ... and {stats.bad_count - len(stats.bad_rows)} more bad rows")
+    lines.append("prompt tokens (before the last supervised turn)")
+    lines += histogram(stats.prompt_lengths)
+    lines.append("response tokens per turn")
+    lines += histogram(stats.response_lengths)
+    lines.append(f"canvases per example (canvas = {canvas_length} tokens)")
+    lines += histogram(stats.canvases, bins=max(1, min(8, len(set(stats.canvases)))))
+    return lines
+
+
+def report(settings: DataSettings, tokenizer, canvas_length: int, examples_shown: int = 3):
+    """(text report, JSON-ready dict, loaded splits) for these data settings."""
+    splits = load_splits(settings, tokenizer, canvas_length)
+    _, train, train_stats, _, evals, eval_stats = splits
+    lines = [f"preflight: data.train={settings.train} data.eval={settings.eval} canvas_length={canvas_length} "
+             f"supervise={settings.supervise} thinking={settings.thinking} overlong={settings.overlong}", ""]
+    lines += stats_lines(train_stats, canvas_length) + [""] + stats_lines(eval_stats, canvas_length) + [""]
+    lines.append(f"rendered examples ({SPAN_OPEN}supervised{SPAN_CLOSE}, then the EOS fill):")
+    for example in train[:examples_shown]:
+        lines.append(show_example(example, tokenizer))
+    data = {"train": train_stats.summary(), "eval": eval_stats.summary(), "canvas_length": canvas_length,
+            "histograms": {"prompt_tokens": train_stats.prompt_lengths, "response_tokens": train_stats.response_lengths,
+                           "canvases": train_stats.canvases}}
+    return "\n".join(lines), data, splits
+
+
+def write(run_dir: str, text: str, data: dict):
+    with open(os.path.join(run_dir, "preflight.txt"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(run_dir, "preflight.json"), "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def tokenizer_and_canvas(cfg):
+    """The tokenizer and canvas length, without loading weights (or building the tiny base)."""
+    if cfg.model.name_or_path == "tiny":
+        from finetune.tiny import build_tokenizer
+
+        return build_tokenizer(), cfg.model.tiny.canvas_length
+    from transformers import AutoConfig
+
+    from finetune.model import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    try:
+        canvas_length = AutoConfig.from_pretrained(path).canvas_length
+    except OSError as e:
+        from finetune.errors import UserError
+
+        raise UserError(f"could not read the config of {path!r}: {str(e).splitlines()[0]}") from None
+    return load_tokenizer(path), canvas_length
+
+
+def main(argv: list[str] | None = None) -> int:
+    from omegaconf import OmegaConf
+
+    from finetune.config import compose
+    from finetune.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = compose(argv)
+        tokenizer, canvas_length = tokenizer_and_canvas(cfg)
+        settings = DataSettings(**OmegaConf.to_container(cfg.data))
+        text, data, _ = report(settings, tokenizer, canvas_length)
+        out = cfg.output_dir or os.path.join("outputs", f"preflight-{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(out, exist_ok=True)
+        write(out, text, data)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"\nwritten to {os.path.abspath(out)}/preflight.txt and preflight.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
