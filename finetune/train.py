@@ -58,12 +58,14 @@ class DiffusionTrainer(Trainer):
         self.objective = objective
         self.canvas_length = canvas_length
         self.step_losses: list[float] = []  # one per micro-batch, for the loss curve
+        self.seen_rows: list[list[int]] = []  # source rows of each micro-batch: data order is checkable
         self._parts: dict[str, list[float]] = {"diffusion_loss": [], "ar_loss": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         out = diffusion_loss(base, inputs, self.objective, self.canvas_length)
         if model.training:
+            self.seen_rows.append(inputs["rows"].tolist())
             self.step_losses.append(float(out.loss.detach()))
             self._parts["diffusion_loss"].append(float(out.diffusion_loss))
             self._parts["ar_loss"].append(float(out.ar_loss))
@@ -111,7 +113,7 @@ def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use
 
 
 def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, canvas_length: int, pad_id: int,
-        output_dir: str, bf16: bool = False, use_cpu: bool = True) -> DiffusionTrainer:
+        output_dir: str, bf16: bool = False, use_cpu: bool = True, callbacks=None) -> DiffusionTrainer:
     """Train ``model`` in place on ``examples``; returns the trainer (its state holds the log history)."""
     trainer = DiffusionTrainer(
         model=model,
@@ -120,6 +122,7 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
         data_collator=lambda batch: collate(batch, pad_id),
         objective=objective,
         canvas_length=canvas_length,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
     return trainer

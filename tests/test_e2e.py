@@ -63,7 +63,7 @@ print(repr(tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=False
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "ifmmp<end_of_turn>" in result.stdout  # hello shifted by one letter
+    assert "ifmmp<turn|>" in result.stdout  # hello shifted by one letter
 
 
 @pytest.mark.slow
