@@ -52,6 +52,31 @@ def test_documented_commands_compose(where, command):
     assert result.returncode == 0, f"{where}: {command}\n{result.stderr}"
 
 
+def documented_preflights():
+    found = []
+    for path in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "playbooks", "*", "README.md")):
+        for block in code_blocks(open(path).read()):
+            for line in block.splitlines():
+                line = line.split("  #", 1)[0].strip()
+                if line.startswith("python -m finetune.preflight"):
+                    found.append((os.path.relpath(path, ROOT), line))
+    return found
+
+
+@pytest.mark.parametrize("where,command", documented_preflights())
+def test_documented_preflight_commands_run(where, command, tmp_path):
+    args = shlex.split(command)[3:]
+    if any(a.startswith("recipe=chat_") for a in args):  # needs the real tokenizer from the hub: compose only
+        result = subprocess.run([sys.executable, "-m", "finetune", *args, "--cfg", "job"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+    else:
+        result = subprocess.run([sys.executable, "-m", "finetune.preflight", *args, f"output_dir={tmp_path}"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=180,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert "rendered examples" in result.stdout
+    assert result.returncode == 0, f"{where}: {command}\n{result.stderr[-1500:]}"
+
+
 def test_docs_name_only_recipes_that_exist():
     recipes = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "recipes", "*.yaml"))}
     for path in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "playbooks", "*", "README.md")):
