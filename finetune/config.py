@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -64,7 +65,13 @@ def compose(overrides: list[str]) -> DictConfig:
             cfg = hydra_compose("config", overrides=overrides)
     except Exception as e:  # hydra raises several types; the readable message may sit on a cause
         msg = _first_message(e)
-        if "not in struct" in msg or "Could not override" in msg:
+        missing = re.search(r"Could not find '(\w+)/(\w+)'", msg)
+        if missing:
+            group, choice = missing.groups()
+            options = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(CONF_DIR, group))
+                             if f.endswith(".yaml")) if os.path.isdir(os.path.join(CONF_DIR, group)) else []
+            msg = f"{group}={choice} is not a known {group} config; choose one of {', '.join(options)}"
+        elif "not in struct" in msg or "Could not override" in msg:
             key = msg.split("'")[1] if "'" in msg else msg
             msg = f"unknown config key {key!r}: check the spelling (python -m finetune --cfg job lists every key)"
         raise UserError(msg) from None

@@ -22,7 +22,7 @@ def run_cli(*args, env_extra=None, timeout=120):
         (["recipe=nope"], "unknown recipe 'nope': choose one of chat_rtx, chat_spark, tiny"),
         (["trian.lr=3"], "unknown config key 'trian.lr'"),
         (["train.lrr=3"], "unknown config key 'train.lrr'"),
-        (["model=nope"], "Could not find 'model/nope'"),
+        (["model=nope"], "model=nope is not a known model config; choose one of diffusiongemma_26b, tiny"),
         (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model' does not exist"),
         (["model.name_or_path=./missing-dir"], "model.name_or_path='./missing-dir' does not exist"),
         (["--cfg", "nope"], "--cfg takes 'job'"),
