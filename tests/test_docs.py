@@ -33,18 +33,19 @@ def test_quickstart_is_two_commands_and_ci_runs_the_same():
         assert step in install_and_run
 
 
-def documented_commands():
+def documented(prefix):
+    """(file, command) for each line of a README/playbook code block that starts with ``prefix``."""
     found = []
     for path in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "playbooks", "*", "README.md")):
         for block in code_blocks(open(path).read()):
             for line in block.splitlines():
                 line = line.split("  #", 1)[0].strip()
-                if line.startswith("python -m finetune ") and "<" not in line:
+                if line.startswith(prefix) and "<" not in line:
                     found.append((os.path.relpath(path, ROOT), line))
     return found
 
 
-@pytest.mark.parametrize("where,command", documented_commands())
+@pytest.mark.parametrize("where,command", documented("python -m finetune "))
 def test_documented_commands_compose(where, command):
     args = [a for a in shlex.split(command)[3:] if a not in ("--cfg", "job")]
     result = subprocess.run([sys.executable, "-m", "finetune", *args, "--cfg", "job"], cwd=ROOT, capture_output=True,
@@ -52,18 +53,7 @@ def test_documented_commands_compose(where, command):
     assert result.returncode == 0, f"{where}: {command}\n{result.stderr}"
 
 
-def documented_preflights():
-    found = []
-    for path in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "playbooks", "*", "README.md")):
-        for block in code_blocks(open(path).read()):
-            for line in block.splitlines():
-                line = line.split("  #", 1)[0].strip()
-                if line.startswith("python -m finetune.preflight"):
-                    found.append((os.path.relpath(path, ROOT), line))
-    return found
-
-
-@pytest.mark.parametrize("where,command", documented_preflights())
+@pytest.mark.parametrize("where,command", documented("python -m finetune.preflight"))
 def test_documented_preflight_commands_run(where, command, tmp_path):
     args = shlex.split(command)[3:]
     if any(a.startswith("recipe=chat_") for a in args):  # needs the real tokenizer from the hub: compose only
