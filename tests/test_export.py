@@ -399,3 +399,17 @@ def test_cli_in_a_fresh_process_exports_and_refuses_cleanly(tmp_path, tokenizer,
     assert f"export: merged -> {out}" in done.stdout
     card = open(out / "README.md").read()
     assert f"python -m finetune.export run_dir={run_dir} format=merged dtype=float32 {' '.join(args)}" in card
+
+
+def test_end_of_run_config_group_is_documented_and_validated():
+    from finetune.config import compose
+
+    cfg = compose([])
+    assert cfg.export.format == "adapter" and cfg.export.push_to_hub is None
+    settings = ex.ExportSettings(**OmegaConf.to_container(cfg.export)).validate(allow_none=True)
+    assert settings.verify and not settings.untie and settings.dtype == "bfloat16"
+    text = open(os.path.join(ROOT, "finetune", "conf", "export", "default.yaml")).read()
+    for key in cfg.export:
+        line = next(line for line in text.splitlines() if line.startswith(f"{key}:"))
+        assert "  # " in line, key  # every key has its one-line comment
+    assert compose(["export.format=both", "export.untie=true"]).export.format == "both"
