@@ -413,3 +413,47 @@ def test_end_of_run_config_group_is_documented_and_validated():
         line = next(line for line in text.splitlines() if line.startswith(f"{key}:"))
         assert "  # " in line, key  # every key has its one-line comment
     assert compose(["export.format=both", "export.untie=true"]).export.format == "both"
+
+
+def documented_export_commands():
+    import glob
+
+    from test_docs import code_blocks
+
+    found = []
+    for path in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "playbooks", "*", "README.md")):
+        for block in code_blocks(open(path).read()):
+            for line in block.splitlines():
+                line = line.split("  #", 1)[0].strip()
+                if line.startswith("python -m finetune.export"):
+                    found.append((os.path.relpath(path, ROOT), line))
+    return found
+
+
+def test_docs_show_export_commands():
+    where = {w for w, _ in documented_export_commands()}
+    assert {"README.md", "playbooks/dgx-spark/README.md", "playbooks/rtx-workstation/README.md"} <= where
+
+
+@pytest.mark.parametrize("where,command", documented_export_commands())
+def test_documented_export_commands_parse(where, command):
+    import shlex
+
+    args = shlex.split(command)[3:]
+    run_dir, settings = ex.parse_args(args)
+    assert run_dir and settings.format in ex.FORMATS, (where, command)
+
+
+def test_playbooks_serve_exactly_what_export_writes():
+    """The playbook's serving instructions are the model card's, for the paths export writes by default."""
+    spark = open(os.path.join(ROOT, "playbooks", "dgx-spark", "README.md")).read()
+    run = "outputs/chat_spark-<time>"
+    assert ex.export_command(run, "merged") in spark
+    assert ex.vllm_command(f"{run}/export/merged", 256) in spark
+    assert ex.usage_snippet("merged", f"{run}/export/merged", "google/diffusiongemma-26B-A4B-it") in spark
+    assert ex.usage_snippet("adapter", f"{run}/export/adapter", "google/diffusiongemma-26B-A4B-it") in spark
+    rtx = open(os.path.join(ROOT, "playbooks", "rtx-workstation", "README.md")).read()
+    assert ex.export_command("outputs/chat_rtx-<time>", "merged") in rtx
+    assert ex.vllm_command("outputs/chat_rtx-<time>/export/merged", 256) in rtx
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "python -m finetune.export" in readme and "vllm serve" in readme
