@@ -138,4 +138,8 @@ def run(cfg: DictConfig) -> dict:
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(summary(metrics, run_dir))
+    if cfg.export.format != "none":  # after metrics: a refused or failed export leaves the finished run intact
+        from finetune.export import export_at_end_of_run
+
+        metrics["export"] = export_at_end_of_run(run_dir, cfg, peft_model, tokenizer, device)
     return metrics

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,13 @@ def test_default_run_writes_the_run_directory_and_the_adapter_beats_base(default
         assert (run / name).is_file(), name
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (run / "adapter.tmp").exists()
+    # the end-of-run export (export.format=adapter): the adapter again, with its card, checked in a fresh process
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "generation_config.json",
+                 "README.md"):
+        assert (run / "export" / "adapter" / name).is_file(), name
+    assert "## Export verification" in (run / "export" / "adapter" / "README.md").read_text()
+    diff = re.search(r"export: adapter reloads to max \|logit diff\| (\S+) ", result.stdout)
+    assert diff and float(diff.group(1)) <= 1e-5, result.stdout[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
     base, adapter = metrics["eval"]["base"], metrics["eval"]["adapter"]
     assert adapter["exact_match"] >= base["exact_match"] + 0.5, (base["exact_match"], adapter["exact_match"])

@@ -1,0 +1,459 @@
+"""Export on the tiny model: the adapter and the merged checkpoint reload (in a fresh process and here) to the
+fine-tuned model's logits and tokens; the encoder/decoder tie is kept, refused or deliberately undone; a crash
+mid-write leaves nothing that looks complete; the CLI, the model card and the playbooks agree with what is written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import DiffusionGemmaForBlockDiffusion
+
+from finetune import export as ex
+from finetune.errors import UserError
+from finetune.model import LoraSettings, attach_lora
+from finetune.run import save_adapter
+
+from conftest import make_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CANVAS = 8
+METRICS = {
+    "run_name": "tiny",
+    "training": {"steps": 5, "loss_first": 3.5, "loss_last": 1.25, "seconds": 1.0},
+    "data": {"train": {"read": 100, "kept": 99}, "eval": {"read": 8, "kept": 8}},
+    "eval": {"examples": 8,
+             "base": {"heldout_loss_mean": 4.1, "exact_match": 0.0, "tokens_per_forward": 1.5,
+                      "heldout_loss_by_t": {"0.1": 3.0, "0.9": 5.0}},
+             "adapter": {"heldout_loss_mean": 0.0119, "exact_match": 1.0, "tokens_per_forward": 4.0,
+                         "heldout_loss_by_t": {"0.1": 0.01, "0.9": 0.02}}},
+}
+
+
+def randomise_lora(model, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def logits(model, ids, canvas):
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=canvas).logits
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(10, 100, (2, 20), generator=g), torch.randint(10, 100, (2, CANVAS), generator=g)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    """A tiny base saved like the cached one: weights, tokenizer and a generation config.
+
+    Initialised at 0.05, not conftest's 0.1: at 0.1 the random model is chaotic under self-conditioning (each
+    denoising step feeds softmax(logits) back in), so a 1e-5 logit difference, which any float32 merge has
+    (x @ (W + BA) vs x @ W + x @ A @ B), grows to whole logits within ten steps and no two implementations
+    generate alike. At 0.05 it is not, like a trained model."""
+    from finetune.tiny import generation_config
+
+    path = tmp_path_factory.mktemp("base") / "tiny-base"
+    model = make_model(tokenizer, canvas_length=CANVAS, init=0.05)
+    model.generation_config = generation_config(tokenizer, CANVAS)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_run(path, tokenizer, base_dir, placement="shared", seed=0, equal_separate=False):
+    """A run directory as python -m finetune leaves it, with random (non-zero) LoRA weights."""
+    from finetune.config import compose
+
+    overrides = [f"lora.placement={placement}", "lora.r=4", "lora.alpha=8", f"model.name_or_path={base_dir}"]
+    if placement == "decoder":
+        overrides.append("objective.encoder_ar_weight=0")
+    cfg = compose(overrides)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir)
+    peft_model = attach_lora(model, LoraSettings(**cfg.lora)).eval()
+    randomise_lora(peft_model, seed)
+    if equal_separate:  # separately trained matrices that happen to agree: mergeable into the tied layout
+        modules = dict(peft_model.named_modules())
+        with torch.no_grad():
+            for name, m in modules.items():
+                if ".encoder.language_model.layers." in name and hasattr(m, "lora_A"):
+                    twin = modules[name.replace(".encoder.language_model.layers.", ".decoder.layers.")]
+                    m.lora_A["default"].weight.copy_(twin.lora_A["default"].weight)
+                    m.lora_B["default"].weight.copy_(twin.lora_B["default"].weight)
+    os.makedirs(path)
+    OmegaConf.save(cfg, os.path.join(path, "config.yaml"))
+    with open(os.path.join(path, "metrics.json"), "w") as f:
+        json.dump({**METRICS, "base_model": base_dir}, f)
+    save_adapter(peft_model, tokenizer, os.path.join(path, "adapter"))
+    return str(path), peft_model
+
+
+def tree(path):
+    """Every file under path with its bytes: to prove a failed export changed nothing."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = open(full, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory, tokenizer, base_dir):
+    """A shared-placement run exported as adapter + float32 merged in small shards, both verified."""
+    run_dir, model = make_run(tmp_path_factory.mktemp("shared") / "run", tokenizer, base_dir)
+    settings = ex.ExportSettings(format="both", dtype="float32", max_shard_size="200KB")
+    result = ex.export_run(run_dir, settings, command="python -m finetune.export run_dir=RUN format=both")
+    return run_dir, model, result
+
+
+# --- adapter -----------------------------------------------------------------------------------------------------
+def test_adapter_export_is_a_stock_peft_adapter_that_reloads_identically(shared_run, base_dir):
+    run_dir, model, result = shared_run
+    out = os.path.join(run_dir, "export", "adapter")
+    assert result["adapter"]["path"] == out
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "README.md"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    # the built-in check reloaded it in a fresh process with stock peft
+    assert result["adapter"]["verification"]["max_abs_diff"] <= 1e-5
+    assert result["adapter"]["verification"]["adapter_effect"] > 0.1
+    # and so does this process: stock PeftModel on a stock base, no re-tying
+    ids, canvas = inputs()
+    reloaded = PeftModel.from_pretrained(DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir), out).eval()
+    torch.testing.assert_close(logits(reloaded, ids, canvas), logits(model, ids, canvas), atol=1e-5, rtol=0)
+
+
+# --- merged ------------------------------------------------------------------------------------------------------
+def test_merged_checkpoint_has_the_released_layout_in_atomic_shards(shared_run, base_dir, tmp_path):
+    run_dir, _, result = shared_run
+    out = result["merged"]["path"]
+    assert out == os.path.join(run_dir, "export", "merged")
+    files = os.listdir(out)
+    shards = sorted(f for f in files if f.endswith(".safetensors"))
+    assert len(shards) >= 3 and not [f for f in files if ".partial" in f or ".tmp" in f]
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert sorted(set(index["weight_map"].values())) == shards
+    keys = set()
+    for shard in shards:
+        with safe_open(os.path.join(out, shard), "pt") as f:
+            keys |= set(f.keys())
+            assert all(f.get_tensor(k).dtype in (torch.float32, torch.int64) for k in f.keys())
+    assert keys == set(index["weight_map"])
+    # exactly the keys transformers writes for a plain model, i.e. the released checkpoint's names
+    plain = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir)
+    plain.save_pretrained(tmp_path / "plain")
+    with safe_open(str(tmp_path / "plain" / "model.safetensors"), "pt") as f:
+        assert keys == set(f.keys())
+    assert any(k.startswith("model.decoder.layers.") for k in keys)
+    assert any(k.startswith("model.encoder.language_model.") for k in keys)  # the encoder's own buffers
+    assert not any(k.startswith("model.encoder.language_model.layers.") and k.endswith("proj.weight") for k in keys)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["tie_word_embeddings"] is True and config["architectures"] == ["DiffusionGemmaForBlockDiffusion"]
+    for name in ("tokenizer.json", "generation_config.json", "README.md"):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+
+def test_merged_checkpoint_loads_plainly_and_matches_the_adapter_model(shared_run):
+    run_dir, model, result = shared_run
+    assert result["merged"]["verification"]["max_abs_diff"] <= 1e-4  # fresh-process check, float32
+    merged = DiffusionGemmaForBlockDiffusion.from_pretrained(result["merged"]["path"]).eval()
+    enc = merged.model.encoder.language_model.layers[0].self_attn.q_proj.weight
+    assert enc is merged.model.decoder.layers[0].self_attn.q_proj.weight  # still one tied tensor
+    ids, canvas = inputs()
+    expected = logits(model, ids, canvas)
+    got = logits(merged, ids, canvas)
+    diff = (got - expected).abs().max().item()
+    assert diff <= 1e-4, diff
+    with model.disable_adapter():
+        assert (logits(model, ids, canvas) - expected).abs().max() > 100 * max(diff, 1e-6)  # not the base
+
+
+def test_merged_and_adapter_models_generate_the_same_tokens_for_the_same_seed(shared_run):
+    run_dir, model, result = shared_run
+    merged = DiffusionGemmaForBlockDiffusion.from_pretrained(result["merged"]["path"]).eval()
+    ids = torch.randint(10, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    for seed in (0, 1):
+        outs = []
+        for m in (model.get_base_model(), merged):
+            torch.manual_seed(seed)
+            with torch.no_grad():  # 12 denoising steps (of 48) per canvas keep it fast; self-conditioning included
+                outs.append(m.generate(input_ids=ids, max_new_tokens=2 * CANVAS, max_denoising_steps=12).sequences)
+        assert outs[0].shape[1] > ids.shape[1]
+        assert torch.equal(outs[0], outs[1]), seed
+
+
+def test_bfloat16_merge_is_verified_within_its_tolerance(tmp_path, tokenizer, base_dir):
+    run_dir, model = make_run(tmp_path / "run", tokenizer, base_dir)
+    result = ex.export_run(run_dir, ex.ExportSettings(format="merged"))  # dtype bfloat16 is the default
+    v = result["merged"]["verification"]
+    assert v["precision"] == "bfloat16" and v["max_abs_diff"] <= v["tolerance"] <= 1.5 * v["cast_cost"] + 1.0
+    # this random model is as sensitive to bf16 as the merge is: rounding it alone costs about as much
+    assert v["max_abs_diff"] - 1.5 * v["cast_cost"] < ex.MAX_EFFECT_LOST * v["adapter_effect"]
+    print(f"bf16 merged: max |logit diff| {v['max_abs_diff']:.4f}, bf16 cast alone {v['cast_cost']:.4f}, "
+          f"adapter effect {v['adapter_effect']:.4f}")
+    with safe_open(os.path.join(result["merged"]["path"], "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.decoder.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+    assert json.load(open(os.path.join(result["merged"]["path"], "config.json")))["dtype"] == "bfloat16"
+
+
+# --- the encoder/decoder tie -------------------------------------------------------------------------------------
+def test_decoder_only_adapter_is_refused_with_an_explanation_and_nothing_written(tmp_path, tokenizer, base_dir):
+    run_dir, _ = make_run(tmp_path / "run", tokenizer, base_dir, placement="decoder")
+    before = tree(run_dir)
+    with pytest.raises(UserError) as e:
+        ex.export_run(run_dir, ex.ExportSettings(format="both", dtype="float32"))
+    msg = str(e.value)
+    assert "cannot merge into the tied layout" in msg and "decoder-only LoRA leaves the encoder" in msg
+    assert "model.encoder.language_model.layers." in msg  # which modules differ
+    assert "lora.placement=shared" in msg and "untie=true" in msg
+    assert tree(run_dir) == before  # refused before anything was written, the adapter export included
+
+
+def test_untie_writes_an_untied_checkpoint_that_matches_and_says_so(tmp_path, tokenizer, base_dir):
+    run_dir, model = make_run(tmp_path / "run", tokenizer, base_dir, placement="decoder")
+    result = ex.export_run(run_dir, ex.ExportSettings(format="merged", dtype="float32", untie=True))
+    out = result["merged"]["path"]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["tie_word_embeddings"] is False
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        enc = f.get_tensor("model.encoder.language_model.layers.0.self_attn.q_proj.weight")
+        dec = f.get_tensor("model.decoder.layers.0.self_attn.q_proj.weight")
+    assert "lm_head.weight" in keys and "model.encoder.language_model.embed_tokens.weight" in keys
+    base = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir)
+    torch.testing.assert_close(enc, base.model.encoder.language_model.layers[0].self_attn.q_proj.weight)  # base
+    assert not torch.allclose(dec, enc)  # the decoder got the delta
+    merged = DiffusionGemmaForBlockDiffusion.from_pretrained(out).eval()
+    assert merged.model.encoder.language_model.layers[0].self_attn.q_proj.weight is not \
+        merged.model.decoder.layers[0].self_attn.q_proj.weight
+    ids, canvas = inputs()
+    assert (logits(merged, ids, canvas) - logits(model, ids, canvas)).abs().max() <= 1e-4
+    card = open(os.path.join(out, "README.md")).read()
+    assert "UNTIED" in card and "vLLM cannot serve it" in card and "vllm serve" not in card
+
+
+def test_separate_adapters_merge_only_when_their_deltas_agree(tmp_path, tokenizer, base_dir):
+    run_dir, _ = make_run(tmp_path / "equal", tokenizer, base_dir, placement="separate", equal_separate=True)
+    result = ex.export_run(run_dir, ex.ExportSettings(format="merged", dtype="float32", verify=False))
+    assert json.load(open(os.path.join(result["merged"]["path"], "config.json")))["tie_word_embeddings"] is True
+    run_dir, _ = make_run(tmp_path / "differ", tokenizer, base_dir, placement="separate")
+    with pytest.raises(UserError, match="different deltas on .* tensors .* the deltas differ"):
+        ex.export_run(run_dir, ex.ExportSettings(format="merged", dtype="float32", verify=False))
+    assert not os.path.exists(os.path.join(run_dir, "export"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_leaky_merge_fails_verification_and_leaves_nothing(tmp_path, tokenizer, base_dir, monkeypatch, dtype):
+    """What peft's merge_and_unload does to a decoder-only adapter (the delta lands in the shared tensor, so the
+    encoder gets it too) is caught by the built-in check, and the export is not written."""
+    run_dir, _ = make_run(tmp_path / "run", tokenizer, base_dir, placement="decoder")
+    real = ex.merge_plan
+
+    def leaky(model, untie=False):
+        plan = real(model, untie=True)  # every delta, then folded into the tied layout regardless
+        tied = model.get_base_model().all_tied_weights_keys
+        tensors = {k: t for k, t in plan.tensors.items() if k not in tied}
+        return ex.MergePlan(tensors, {k: m for k, m in plan.lora.items() if k in tensors}, False, "leaky")
+
+    monkeypatch.setattr(ex, "merge_plan", leaky)
+    with pytest.raises(UserError, match="merged export failed verification") as e:
+        ex.export_run(run_dir, ex.ExportSettings(format="merged", dtype=dtype))
+    print(e.value)
+    assert not os.path.exists(os.path.join(run_dir, "export"))
+
+
+# --- crashes and overwrites --------------------------------------------------------------------------------------
+def test_a_crash_mid_write_leaves_no_export_and_the_prior_state_untouched(tmp_path, tokenizer, base_dir,
+                                                                          monkeypatch):
+    run_dir, _ = make_run(tmp_path / "run", tokenizer, base_dir)
+    ex.export_run(run_dir, ex.ExportSettings(format="adapter", verify=False))  # an earlier, complete export
+    before = tree(run_dir)
+    real, written = ex._write_shard, []
+
+    def crash_after_first(tensors, path):
+        if written:
+            raise OSError("simulated crash: disk full")
+        real(tensors, path)
+        written.append(path)
+
+    monkeypatch.setattr(ex, "_write_shard", crash_after_first)
+    with pytest.raises(OSError, match="simulated crash"):
+        ex.export_run(run_dir, ex.ExportSettings(format="merged", dtype="float32", max_shard_size="200KB"))
+    assert written  # it did crash mid-write, after a whole shard
+    assert not os.path.exists(os.path.join(run_dir, "export", "merged"))
+    assert tree(run_dir) == before  # no temporary directory left, adapter and earlier export byte-identical
+
+
+def test_a_killed_export_leaves_only_an_incomplete_temporary_and_a_rerun_succeeds(tmp_path, tokenizer, base_dir):
+    run_dir, _ = make_run(tmp_path / "run", tokenizer, base_dir)
+    code = f"""
+import os, sys
+sys.path.insert(0, {ROOT!r})
+from finetune import export as ex
+real = ex._write_shard
+def die(tensors, path):
+    real(tensors, path)
+    os._exit(9)  # killed after the first shard: no cleanup runs
+ex._write_shard = die
+ex.export_run({run_dir!r}, ex.ExportSettings(format="merged", dtype="float32", max_shard_size="200KB"))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 9, result.stderr[-2000:]
+    export_dir = os.path.join(run_dir, "export")
+    assert not os.path.exists(os.path.join(export_dir, "merged"))
+    leftovers = os.listdir(export_dir)
+    assert len(leftovers) == 1 and leftovers[0].startswith("merged.tmp-")
+    left = os.listdir(os.path.join(export_dir, leftovers[0]))
+    assert "config.json" not in left and "model.safetensors.index.json" not in left  # cannot pass for a model
+    ex.export_run(run_dir, ex.ExportSettings(format="merged", dtype="float32", max_shard_size="200KB",
+                                             verify=False))
+    assert os.path.isfile(os.path.join(export_dir, "merged", "config.json"))
+
+
+def test_an_existing_export_is_never_overwritten(shared_run):
+    run_dir, _, _ = shared_run
+    before = tree(os.path.join(run_dir, "export"))
+    with pytest.raises(UserError, match="already exists: export never overwrites"):
+        ex.export_run(run_dir, ex.ExportSettings(format="merged"))
+    assert tree(os.path.join(run_dir, "export")) == before
+
+
+# --- model card --------------------------------------------------------------------------------------------------
+def test_model_cards_carry_metadata_recipe_eval_command_and_serving(shared_run, base_dir):
+    run_dir, _, result = shared_run
+    for fmt, library in (("adapter", "peft"), ("merged", "transformers")):
+        path = result[fmt]["path"]
+        card = open(os.path.join(path, "README.md")).read()
+        front = yaml.safe_load(card.split("---\n")[1])
+        assert front["library_name"] == library and front["base_model"]
+        assert {"diffusiongemma", "lora", "block-diffusion"} <= set(front["tags"])
+        for section in ("## Base model", "## Recipe", "## Data", "## LoRA settings", "## Evaluation",
+                        "## Export verification", "## How it was made", "## Use it"):
+            assert section in card, (fmt, section)
+        assert base_dir in card and "r 4, alpha 8" in card and "placement `shared`" in card
+        assert "| generation exact match | 0.0% | 100.0% |" in card and "0.0119" in card
+        assert "python -m finetune.export run_dir=RUN format=both" in card
+        assert ex.usage_snippet(fmt, path, base_dir, "float32" if fmt == "merged" else "bfloat16") in card
+    merged_card = open(os.path.join(result["merged"]["path"], "README.md")).read()
+    assert ex.vllm_command(result["merged"]["path"], CANVAS) in merged_card
+    assert "--diffusion-config '{\"canvas_length\":8}'" in merged_card
+    assert "identical LoRA deltas" in merged_card
+
+
+def test_the_usage_snippets_run(shared_run, base_dir):
+    """The model card's Python, as printed (CPU, float32), loads the exports and generates."""
+    _, _, result = shared_run
+    for fmt in ("adapter", "merged"):
+        code = ex.usage_snippet(fmt, result[fmt]["path"], base_dir, "float32", max_new_tokens=2 * CANVAS)
+        namespace = {}
+        exec(compile(code, f"<{fmt} snippet>", "exec"), namespace)
+        assert "out" in namespace and namespace["out"].sequences.shape[1] > 0
+
+
+# --- command line and docs ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        ([], "run_dir=PATH is required"),
+        (["format=merged"], "run_dir=PATH is required"),
+        (["run_dir=x", "fromat=merged"], "unknown key 'fromat'"),
+        (["run_dir=x", "format=gguf"], "format='gguf': use one of adapter, merged, both"),
+        (["run_dir=x", "dtype=int8"], "dtype='int8': use one of bfloat16, float32, float16"),
+        (["run_dir=x", "verify=maybe"], "verify='maybe': use true or false"),
+        (["run_dir=x", "push_to_hub=nohub"], "push_to_hub='nohub'"),
+        (["run_dir=x", "max_shard_size=big"], "max_shard_size='big'"),
+        (["run_dir"], "is not key=value"),
+        (["run_dir=/no/such/run"], "run_dir=/no/such/run is not a finished run"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, expected, capsys):
+    assert ex.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_cli_in_a_fresh_process_exports_and_refuses_cleanly(tmp_path, tokenizer, base_dir):
+    run_dir, _ = make_run(tmp_path / "run", tokenizer, base_dir, placement="decoder")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "finetune.export", f"run_dir={run_dir}", "format=merged", "dtype=float32"]
+    refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: cannot merge into the tied layout"), refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    out = tmp_path / "elsewhere"
+    args = ["untie=true", f"out={out}", "verify=false"]  # the untie test verifies; here the command line counts
+    done = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"export: merged -> {out}" in done.stdout
+    card = open(out / "README.md").read()
+    assert f"python -m finetune.export run_dir={run_dir} format=merged dtype=float32 {' '.join(args)}" in card
+
+
+def test_end_of_run_config_group_is_documented_and_validated():
+    from finetune.config import compose
+
+    cfg = compose([])
+    assert cfg.export.format == "adapter" and cfg.export.push_to_hub is None
+    settings = ex.ExportSettings(**OmegaConf.to_container(cfg.export)).validate(allow_none=True)
+    assert settings.verify and not settings.untie and settings.dtype == "bfloat16"
+    text = open(os.path.join(ROOT, "finetune", "conf", "export", "default.yaml")).read()
+    for key in cfg.export:
+        line = next(line for line in text.splitlines() if line.startswith(f"{key}:"))
+        assert "  # " in line, key  # every key has its one-line comment
+    assert compose(["export.format=both", "export.untie=true"]).export.format == "both"
+
+
+def documented_export_commands():
+    import glob
+
+    from test_docs import code_blocks
+
+    found = []
+    for path in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "playbooks", "*", "README.md")):
+        for block in code_blocks(open(path).read()):
+            for line in block.splitlines():
+                line = line.split("  #", 1)[0].strip()
+                if line.startswith("python -m finetune.export"):
+                    found.append((os.path.relpath(path, ROOT), line))
+    return found
+
+
+def test_docs_show_export_commands():
+    where = {w for w, _ in documented_export_commands()}
+    assert {"README.md", "playbooks/dgx-spark/README.md", "playbooks/rtx-workstation/README.md"} <= where
+
+
+@pytest.mark.parametrize("where,command", documented_export_commands())
+def test_documented_export_commands_parse(where, command):
+    import shlex
+
+    args = shlex.split(command)[3:]
+    run_dir, settings = ex.parse_args(args)
+    assert run_dir and settings.format in ex.FORMATS, (where, command)
+
+
+def test_playbooks_serve_exactly_what_export_writes():
+    """The playbook's serving instructions are the model card's, for the paths export writes by default."""
+    spark = open(os.path.join(ROOT, "playbooks", "dgx-spark", "README.md")).read()
+    run = "outputs/chat_spark-<time>"
+    assert ex.export_command(run, "merged") in spark
+    assert ex.vllm_command(f"{run}/export/merged", 256) in spark
+    assert ex.usage_snippet("merged", f"{run}/export/merged", "google/diffusiongemma-26B-A4B-it") in spark
+    assert ex.usage_snippet("adapter", f"{run}/export/adapter", "google/diffusiongemma-26B-A4B-it") in spark
+    rtx = open(os.path.join(ROOT, "playbooks", "rtx-workstation", "README.md")).read()
+    assert ex.export_command("outputs/chat_rtx-<time>", "merged") in rtx
+    assert ex.vllm_command("outputs/chat_rtx-<time>/export/merged", 256) in rtx
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "python -m finetune.export" in readme and "vllm serve" in readme
