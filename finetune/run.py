@@ -81,6 +81,8 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     objective_settings(cfg)  # settings errors before any download or pre-training
     target_regex(LoraSettings(**cfg.lora))
+    if cfg.eval.enabled:  # a typo in eval.* must not wait for the end of training to show
+        from eval.compare import validate; validate(OmegaConf.to_container(cfg.eval))  # noqa: E702
     path = base_model_path(cfg)  # first: a wrong model path fails before anything is written
     run_dir = make_run_dir(cfg)
     OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
@@ -131,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
 
         prompts = [render(r, tokenizer, data_settings, "eval")[0] for r in eval_rows]
         metrics["eval"] = compare(peft_model, tokenizer, eval_rows, prompts, eval_ex, objective, canvas_length,
-                                  OmegaConf.to_container(cfg.eval))
+                                  OmegaConf.to_container(cfg.eval), out_dir=run_dir, data_settings=data_settings)
     metrics["seconds_total"] = time.time() - started
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
