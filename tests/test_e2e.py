@@ -10,16 +10,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": str(tmp / "cache")}
-    result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={tmp / 'run'}"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp, env, result
-
-
 @pytest.mark.slow
 def test_default_run_writes_the_run_directory_and_the_adapter_beats_base(default_run):
     tmp, _, result = default_run
