@@ -155,3 +155,17 @@ def test_report_files_benchmark_and_sweep(tokenizer, data, tmp_path):
     for heading in ("## Answers", "## Speed", "## Benchmark: copy", "## Speed vs quality", "side by side"):
         assert heading in md
     assert "adapter_changed_nothing: **false**" in md
+
+
+def test_base_alone_without_an_adapter(tokenizer, data, tmp_path):
+    from eval.report import console_summary
+
+    rows, prompts, examples = data
+    model = make_model(tokenizer)
+    model.generation_config = generation_config(tokenizer, CANVAS)
+    report = compare(model, tokenizer, rows, prompts, examples, ObjectiveConfig(), CANVAS, eval_cfg(),
+                     out_dir=str(tmp_path), has_adapter=False)
+    assert "base" in report and "adapter" not in report and "adapter_check" not in report
+    assert report["verdict"] == {}
+    assert (tmp_path / "report.md").read_text().startswith("# Evaluation: base\n")
+    assert "Evaluation: base" in console_summary(report, str(tmp_path))
