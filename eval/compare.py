@@ -8,10 +8,10 @@ import logging
 from dataclasses import asdict, replace
 
 from eval.adapter_check import adapter_check, changed_fraction
-from eval.generation import Generation, GenerationSettings, generate, speed_summary
+from eval.generation import Generation, GenerationSettings, generate, generation_kwargs, speed_summary
 from eval.loss import heldout_loss
 from eval.scorers import exact_match, resolve_scorer, score_all
-from eval.sets import EvalSet, benchmark_set, heldout_set, question_of, reference_of  # noqa: F401 (re-exported)
+from eval.sets import EvalSet, benchmark_set, heldout_set
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,19 @@ DEFINITIONS = {
 }
 
 
+def _check_sampler(settings: GenerationSettings, where: str):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    try:  # transformers' own validation, now rather than at the first generate() after training
+        DiffusionGemmaGenerationConfig(**generation_kwargs(settings))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: {str(e).splitlines()[0]}") from None
+
+
 def validate(eval_cfg: dict):
     """Config errors before any model is loaded."""
-    GenerationSettings(**eval_cfg["generation"])
+    gen = GenerationSettings(**eval_cfg["generation"])
+    _check_sampler(gen, "eval.generation")
     for name in list(eval_cfg.get("scorers") or []) + list((eval_cfg.get("benchmark") or {}).get("scorers") or []):
         resolve_scorer(name)
     sweep = eval_cfg.get("sweep")
@@ -48,6 +58,14 @@ def validate(eval_cfg: dict):
             raise UserError(f"eval.sweep.param={sweep.get('param')!r}: use one of {', '.join(SWEEP_PARAMS)}")
         if not sweep.get("values"):
             raise UserError("eval.sweep.values is empty: give a list, e.g. eval.sweep.values=[4,8,16,48]")
+        cast = int if sweep["param"] == "max_denoising_steps" else float
+        for value in sweep["values"]:
+            where = f"eval.sweep {sweep['param']}={value}"
+            try:
+                value = cast(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: not a number") from None
+            _check_sampler(replace(gen, **{sweep["param"]: value}), where)
     bench = eval_cfg.get("benchmark")
     if bench and not bench.get("source"):
         raise UserError("eval.benchmark needs a source: tiny:<task>, a local file or a hub data set id")
@@ -133,13 +151,26 @@ def sweep(peft_model, tokenizer, eval_set: EvalSet, gen: GenerationSettings, spe
     return out
 
 
+def paired_delta(generations: list[dict], scorer: str) -> tuple[float, float]:
+    """Mean adapter-minus-base score over the same examples, and its standard error (paired, so the noise of
+    which examples were drawn cancels)."""
+    d = [float(g["adapter"][scorer]) - float(g["base"][scorer]) for g in generations]
+    n = len(d)
+    if n < 2:
+        return (d[0] if d else 0.0), 0.0
+    mean = sum(d) / n
+    return mean, (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
+
+
 def verdict(report: dict, tolerance: float, speed_tolerance: float) -> dict:
-    """Answers to the three questions, from numbers already in the report."""
+    """Answers to the three questions, from numbers already in the report. A score drop counts as a regression
+    when it is larger than the tolerance and than two standard errors of the paired difference."""
     if "adapter" not in report:
         return {}
     b, a = report["base"], report["adapter"]
     better = a["score"] > b["score"] or (
         a["score"] == b["score"] and a.get("heldout_loss_mean", 0) < b.get("heldout_loss_mean", 0))
+    delta, delta_se = paired_delta(report["generations"], report["scorers"][0])
     speed_ratio = a["tokens_per_forward"] / b["tokens_per_forward"] if b["tokens_per_forward"] else None
     broke = []
     if a["speed"]["finished_fraction"] < b["speed"]["finished_fraction"] - tolerance:
@@ -148,14 +179,16 @@ def verdict(report: dict, tolerance: float, speed_tolerance: float) -> dict:
     bench = report.get("benchmark")
     if bench:
         bb, ba = bench["base"], bench["adapter"]
-        if ba["score"] < bb["score"] - tolerance:
+        bench_delta, bench_se = paired_delta(bench["generations"], bench["scorers"][0])
+        if -bench_delta > max(tolerance, 2 * bench_se):
             broke.append(f"benchmark {bench['name']}: {bench['scorers'][0]} {bb['score']:.1%} -> {ba['score']:.1%}")
         if "heldout_loss_mean" in bb and ba["heldout_loss_mean"] > bb["heldout_loss_mean"] * (1 + tolerance):
             broke.append(f"benchmark {bench['name']}: denoising loss {bb['heldout_loss_mean']:.4f} -> "
                          f"{ba['heldout_loss_mean']:.4f}")
     return {
         "better_on_task": bool(better),
-        "score_delta": a["score"] - b["score"],
+        "score_delta": delta,
+        "score_delta_se": delta_se,
         "tokens_per_forward_ratio": speed_ratio,
         "still_fast": speed_ratio is None or speed_ratio >= 1 - speed_tolerance,
         "regressions": broke,

@@ -162,7 +162,8 @@ def markdown(report: dict) -> str:
         out += ["## Answers", ""]
         out += _table(["question", "base", "adapter", "answer"], [
             [f"better at the task? ({report['scorers'][0]})", _fmt(b["score"], "%"), _fmt(a["score"], "%"),
-             "**yes**" if v["better_on_task"] else "**no**"],
+             ("**yes**" if v["better_on_task"] else "**no**")
+             + f" ({v['score_delta']:+.1%} ± {v['score_delta_se']:.1%} paired s.e.)"],
             ["still fast? (tokens per forward)", _fmt(b["tokens_per_forward"], "g"),
              _fmt(a["tokens_per_forward"], "g"), "**yes**" if v["still_fast"] else "**no, slower**"],
             ["anything else broken?", "", "",

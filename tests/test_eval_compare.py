@@ -169,3 +169,22 @@ def test_base_alone_without_an_adapter(tokenizer, data, tmp_path):
     assert report["verdict"] == {}
     assert (tmp_path / "report.md").read_text().startswith("# Evaluation: base\n")
     assert "Evaluation: base" in console_summary(report, str(tmp_path))
+
+
+def test_a_benchmark_drop_within_sampling_noise_is_not_a_regression():
+    from eval.compare import verdict
+
+    def side(score):
+        return {"score": score, "tokens_per_forward": 1.0, "speed": {"finished_fraction": 1.0}}
+
+    def rows(pairs):
+        return [{"base": {"exact_match": b}, "adapter": {"exact_match": a}} for b, a in pairs]
+
+    report = {"base": side(0.5), "adapter": side(1.0), "scorers": ["exact_match"],
+              "generations": rows([(0, 1), (1, 1)]), "adapter_check": {"adapter_changed_nothing": False}}
+    # 10 examples, one lost and none gained: -10% but within two standard errors (~0.2)
+    report["benchmark"] = {"name": "b", "scorers": ["exact_match"], "base": side(0.5), "adapter": side(0.4),
+                           "generations": rows([(1, 0)] + [(1, 1)] * 4 + [(0, 0)] * 5)}
+    assert verdict(report, 0.02, 0.1)["nothing_else_broke"] is True
+    report["benchmark"]["generations"] = rows([(1, 0)] * 5 + [(0, 0)] * 5)  # every right answer lost
+    assert verdict(report, 0.02, 0.1)["regressions"] == ["benchmark b: exact_match 50.0% -> 40.0%"]
