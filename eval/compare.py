@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import asdict, replace
 
 from eval.adapter_check import adapter_check, changed_fraction
@@ -202,6 +203,7 @@ def compare(peft_model, tokenizer, rows, prompts, examples, objective, canvas_le
             has_adapter: bool = True, data_settings=None, meta: dict | None = None) -> dict:
     """Score the base (adapter disabled) and the adapter on the same inputs; returns a JSON-ready dict and, with
     ``out_dir``, writes report.json, report.md and the plots there."""
+    started = time.perf_counter()
     validate(eval_cfg)
     gen = GenerationSettings(**eval_cfg["generation"])
     loss_kwargs = dict(
@@ -243,6 +245,7 @@ def compare(peft_model, tokenizer, rows, prompts, examples, objective, canvas_le
         report["sweep"] = sweep(peft_model, tokenizer, heldout, gen, eval_cfg["sweep"], has_adapter)
     report["verdict"] = verdict(report, float(eval_cfg.get("regression_tolerance", 0.02)),
                                 float(eval_cfg.get("speed_tolerance", 0.1)))
+    report["seconds"] = time.perf_counter() - started  # the whole evaluation, for planning the next one
     if out_dir:
         from eval.report import write_report
 

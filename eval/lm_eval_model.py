@@ -11,12 +11,15 @@ line with that import done first. Needs the optional extra: pip install -e ".[lm
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from eval.generation import GenerationSettings, generate
+
+log = logging.getLogger(__name__)
 
 NO_LIKELIHOOD = (
     "{} is not supported for DiffusionGemma: a block-diffusion model denoises whole canvases and has no "
@@ -67,8 +70,10 @@ class DiffusionGemmaLM(LM):
         if pretrained is None:
             with open(os.path.join(adapter, "adapter_config.json")) as f:
                 pretrained = json.load(f)["base_model_name_or_path"]
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        device = "cuda" if str(device).startswith("cuda") else device
+        device = "cuda" if str(device or "cuda").startswith("cuda") else str(device)
+        if device == "cuda" and not torch.cuda.is_available():  # the harness passes --device cuda by default
+            log.warning("no CUDA device visible: running diffusiongemma on the CPU")
+            device = "cpu"
         has_tokenizer = adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
         tokenizer = load_tokenizer(adapter if has_tokenizer else pretrained)
         model = load_model(pretrained, dtype_for(dtype, device), device)
