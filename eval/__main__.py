@@ -35,7 +35,8 @@ def adapter_base(adapter: str) -> str:
 
     config_path = os.path.join(adapter, "adapter_config.json")
     if not os.path.isdir(adapter):
-        raise UserError(f"adapter={adapter!r} does not exist: give a directory saved by a run, e.g. outputs/<run>/adapter")
+        raise UserError(f"adapter={adapter!r} does not exist: give a directory saved by a run, "
+                        "e.g. outputs/<run>/adapter")
     if not os.path.isfile(config_path):
         raise UserError(f"adapter={adapter!r} holds no adapter_config.json: point it at a PEFT adapter directory")
     try:

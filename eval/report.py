@@ -262,7 +262,8 @@ def console_summary(report: dict, out_dir: str | None = None) -> str:
     if v:
         lines.append("   -> " + ("adapter beats base" if v["better_on_task"] else "adapter does NOT beat base")
                      + (", as fast" if v["still_fast"] else ", SLOWER")
-                     + (", nothing else broke" if v["nothing_else_broke"] else ", BROKE: " + "; ".join(v["regressions"])))
+                     + (", nothing else broke" if v["nothing_else_broke"]
+                        else ", BROKE: " + "; ".join(v["regressions"])))
         for w in report["adapter_check"]["warnings"]:
             lines.append(f"   WARNING: {w}")
     if out_dir:

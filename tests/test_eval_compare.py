@@ -95,7 +95,8 @@ def test_decoder_passes_equal_a_count_of_decoder_forwards(tokenizer, data):
             assert g.steps_per_canvas <= settings.max_denoising_steps
             assert g.tokens_per_forward == pytest.approx(g.tokens / g.decoder_forward_passes)
         calls.clear()
-        batch = generate(model, tokenizer, prompts, GenerationSettings(**{**GEN, "max_new_tokens": 16, "batch_size": 6}))
+        settings_batched = GenerationSettings(**{**GEN, "max_new_tokens": 16, "batch_size": 6})
+        batch = generate(model, tokenizer, prompts, settings_batched)
         assert max(g.decoder_forward_passes for g in batch) <= len(calls)  # rows that stopped early count less
     finally:
         handle.remove()
