@@ -1,47 +1,254 @@
-"""Base vs adapter on held-out rows: denoising loss at fixed t and generation exact match."""
+"""Base vs adapter on the same inputs: held-out denoising loss at fixed t, task scores, speed, whether the adapter
+changed anything, a benchmark for what it may have broken, and an optional speed/quality sweep."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import contextlib
+import logging
+import time
+from dataclasses import asdict, replace
 
-from eval.generation import GenerationSettings, generate
+from eval.adapter_check import adapter_check, changed_fraction
+from eval.generation import Generation, GenerationSettings, generate, generation_kwargs, speed_summary
 from eval.loss import heldout_loss
+from eval.scorers import exact_match, resolve_scorer, score_all
+from eval.sets import EvalSet, benchmark_set, heldout_set
+from finetune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SWEEP_PARAMS = ("max_denoising_steps", "entropy_bound")
+SIDES = ("base", "adapter")
+
+DEFINITIONS = {
+    "heldout_loss_by_t": "denoising cross-entropy with every example corrupted at exactly this t, fixed canvases "
+                         "and noise (seed), no self-conditioning; same seed and data give the same number",
+    "score": "mean over examples of the first scorer in eval.scorers (1 = every answer right)",
+    "tokens": "generated tokens that are not padding: up to and including the first end-of-sequence token",
+    "tokens_per_forward": "transformers' value per example, tokens / decoder_forward_passes, averaged over examples",
+    "tokens_per_forward_pooled": "all tokens / all decoder forward passes",
+    "decoder_forward_passes": "denoising steps an example took part in, over all its canvases (a row that stopped "
+                              "early is not counted for later steps of its batch, as if it ran alone)",
+    "steps_per_canvas": "decoder forward passes / canvases generated: denoising steps used before the adaptive stop "
+                        "(at most max_denoising_steps)",
+    "tokens_per_second": "generated tokens / wall time of the batched generate() calls (throughput at batch_size)",
+    "finished_fraction": "examples whose answer ended (end-of-sequence) within max_new_tokens",
+    "changed_generations_fraction": "examples whose adapter output differs from the base output, same prompt and "
+                                    "same starting noise",
+}
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    return prediction.strip() == reference.strip()
+def _check_sampler(settings: GenerationSettings, where: str):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    try:  # transformers' own validation, now rather than at the first generate() after training
+        DiffusionGemmaGenerationConfig(**generation_kwargs(settings))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: {str(e).splitlines()[0]}") from None
 
 
-def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, eval_cfg) -> dict:
-    """Score the base (adapter disabled) and the adapter on the same inputs; returns a JSON-ready dict.
-
-    ``pairs`` are (generation prompt, reference answer, question) from `finetune.data.eval_prompts`.
-    """
+def validate(eval_cfg: dict):
+    """Config errors before any model is loaded."""
     gen = GenerationSettings(**eval_cfg["generation"])
-    pairs = pairs[: eval_cfg["max_examples"]]
-    prompts = [p for p, _, _ in pairs]
-    refs = [r for _, r, _ in pairs]
+    _check_sampler(gen, "eval.generation")
+    for name in list(eval_cfg.get("scorers") or []) + list((eval_cfg.get("benchmark") or {}).get("scorers") or []):
+        resolve_scorer(name)
+    sweep = eval_cfg.get("sweep")
+    if sweep:
+        if sweep.get("param") not in SWEEP_PARAMS:
+            raise UserError(f"eval.sweep.param={sweep.get('param')!r}: use one of {', '.join(SWEEP_PARAMS)}")
+        if not sweep.get("values"):
+            raise UserError("eval.sweep.values is empty: give a list, e.g. eval.sweep.values=[4,8,16,48]")
+        cast = int if sweep["param"] == "max_denoising_steps" else float
+        for value in sweep["values"]:
+            where = f"eval.sweep {sweep['param']}={value}"
+            try:
+                value = cast(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: not a number") from None
+            _check_sampler(replace(gen, **{sweep["param"]: value}), where)
+    bench = eval_cfg.get("benchmark")
+    if bench and not bench.get("source"):
+        raise UserError("eval.benchmark needs a source: tiny:<task>, a local file or a hub data set id")
+
+
+def _sides(peft_model, has_adapter: bool):
+    """(name, context) pairs: the base is the same model with its adapter switched off."""
+    if has_adapter:
+        yield "base", peft_model.disable_adapter()
+        yield "adapter", contextlib.nullcontext()
+    else:
+        yield "base", contextlib.nullcontext()
+
+
+def _score_side(eval_set: EvalSet, gens: list[Generation], gen: GenerationSettings, losses: dict | None) -> dict:
+    texts = [g.text for g in gens]
+    per_example = score_all(eval_set.scorers, texts, eval_set.references)
+    scores = {name: sum(v) / max(len(v), 1) for name, v in per_example.items()}
+    speed = speed_summary(gens, gen.max_denoising_steps)
+    side = {
+        "score": scores[eval_set.scorers[0]],
+        "scores": scores,
+        # always present: the end-of-run summary and older metrics.json readers use it
+        "exact_match": sum(exact_match(t, r) for t, r in zip(texts, eval_set.references)) / max(len(texts), 1),
+        "tokens_per_forward": speed["tokens_per_forward"],
+        "speed": speed,
+    }
+    if losses is not None:
+        side["heldout_loss_by_t"] = losses
+        side["heldout_loss_mean"] = sum(losses.values()) / len(losses)
+    side["_per_example"] = per_example
+    return side
+
+
+def evaluate_set(peft_model, tokenizer, eval_set: EvalSet, gen: GenerationSettings, loss_kwargs: dict | None,
+                 has_adapter: bool, n_samples: int = 8) -> dict:
+    """Loss, generations, scores and speed for base (and adapter) on one set; generations side by side."""
+    result, gens = {"name": eval_set.name, "source": eval_set.source, "examples": len(eval_set.prompts),
+                    "scorers": eval_set.scorers}, {}
+    for name, ctx in _sides(peft_model, has_adapter):
+        with ctx:
+            losses = heldout_loss(peft_model, eval_set.examples, **loss_kwargs) if loss_kwargs and eval_set.examples \
+                else None
+            gens[name] = generate(peft_model, tokenizer, eval_set.prompts, gen, desc=f"{eval_set.name}: {name}")
+        result[name] = _score_side(eval_set, gens[name], gen, losses)
+    rows = []
+    for i, (inp, ref) in enumerate(zip(eval_set.inputs, eval_set.references)):
+        row = {"input": inp, "reference": ref}
+        for name in gens:
+            g = gens[name][i]
+            row[name] = {"output": g.text, **{k: result[name]["_per_example"][k][i] for k in eval_set.scorers},
+                         "tokens": g.tokens, "tokens_per_forward": g.tokens_per_forward,
+                         "decoder_forward_passes": g.decoder_forward_passes, "canvases": g.canvases,
+                         "steps_per_canvas": g.steps_per_canvas, "seconds": g.seconds,
+                         "tokens_per_second": g.tokens_per_second, "finished": g.finished}
+        if has_adapter:
+            row["changed"] = gens["base"][i].text != gens["adapter"][i].text
+        rows.append(row)
+    result["generations"] = rows
+    for name in gens:  # compatible with the first metrics.json: input/reference/output per side
+        result[name]["samples"] = [{"input": r["input"], "reference": r["reference"], "output": r[name]["output"]}
+                                   for r in rows[:n_samples]]
+        del result[name]["_per_example"]
+    if has_adapter:
+        result["changed_generations_fraction"] = changed_fraction([g.text for g in gens["base"]],
+                                                                  [g.text for g in gens["adapter"]])
+    return result
+
+
+def sweep(peft_model, tokenizer, eval_set: EvalSet, gen: GenerationSettings, spec: dict, has_adapter: bool) -> dict:
+    """Score and speed at each value of one sampler setting: the speed/quality trade-off of the sampler."""
+    param = spec["param"]
+    cast = int if param == "max_denoising_steps" else float
+    out = {"param": param, "values": [cast(v) for v in spec["values"]], **{name: [] for name, _ in
+                                                                            _sides(peft_model, has_adapter)}}
+    for value in out["values"]:
+        settings = replace(gen, **{param: value})
+        for name, ctx in _sides(peft_model, has_adapter):
+            with ctx:
+                gens = generate(peft_model, tokenizer, eval_set.prompts, settings, desc=f"sweep {param}={value} {name}")
+            side = _score_side(eval_set, gens, settings, None)
+            out[name].append({"value": value, "score": side["score"], **side["speed"]})
+    return out
+
+
+def paired_delta(generations: list[dict], scorer: str) -> tuple[float, float]:
+    """Mean adapter-minus-base score over the same examples, and its standard error (paired, so the noise of
+    which examples were drawn cancels)."""
+    d = [float(g["adapter"][scorer]) - float(g["base"][scorer]) for g in generations]
+    n = len(d)
+    if n < 2:
+        return (d[0] if d else 0.0), 0.0
+    mean = sum(d) / n
+    return mean, (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
+
+
+def verdict(report: dict, tolerance: float, speed_tolerance: float) -> dict:
+    """Answers to the three questions, from numbers already in the report. A score drop counts as a regression
+    when it is larger than the tolerance and than two standard errors of the paired difference."""
+    if "adapter" not in report:
+        return {}
+    b, a = report["base"], report["adapter"]
+    better = a["score"] > b["score"] or (
+        a["score"] == b["score"] and a.get("heldout_loss_mean", 0) < b.get("heldout_loss_mean", 0))
+    delta, delta_se = paired_delta(report["generations"], report["scorers"][0])
+    speed_ratio = a["tokens_per_forward"] / b["tokens_per_forward"] if b["tokens_per_forward"] else None
+    broke = []
+    if a["speed"]["finished_fraction"] < b["speed"]["finished_fraction"] - tolerance:
+        broke.append(f"fewer held-out answers end within max_new_tokens ({b['speed']['finished_fraction']:.0%} -> "
+                     f"{a['speed']['finished_fraction']:.0%})")
+    bench = report.get("benchmark")
+    if bench:
+        bb, ba = bench["base"], bench["adapter"]
+        bench_delta, bench_se = paired_delta(bench["generations"], bench["scorers"][0])
+        if -bench_delta > max(tolerance, 2 * bench_se):
+            broke.append(f"benchmark {bench['name']}: {bench['scorers'][0]} {bb['score']:.1%} -> {ba['score']:.1%}")
+        if "heldout_loss_mean" in bb and ba["heldout_loss_mean"] > bb["heldout_loss_mean"] * (1 + tolerance):
+            broke.append(f"benchmark {bench['name']}: denoising loss {bb['heldout_loss_mean']:.4f} -> "
+                         f"{ba['heldout_loss_mean']:.4f}")
+    return {
+        "better_on_task": bool(better),
+        "score_delta": delta,
+        "score_delta_se": delta_se,
+        "tokens_per_forward_ratio": speed_ratio,
+        "still_fast": speed_ratio is None or speed_ratio >= 1 - speed_tolerance,
+        "regressions": broke,
+        "nothing_else_broke": not broke,
+        "benchmark_checked": bool(bench),
+        "adapter_changed_nothing": report["adapter_check"]["adapter_changed_nothing"],
+    }
+
+
+def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, eval_cfg, out_dir=None,
+            has_adapter: bool = True, data_settings=None, meta: dict | None = None) -> dict:
+    """Score the base (adapter disabled) and the adapter on the same inputs; returns a JSON-ready dict and, with
+    ``out_dir``, writes report.json, report.md and the plots there. ``pairs`` are (generation prompt, reference,
+    question) from `finetune.data.eval_prompts`."""
+    started = time.perf_counter()
+    validate(eval_cfg)
+    gen = GenerationSettings(**eval_cfg["generation"])
     loss_kwargs = dict(
         objective=objective, canvas_length=canvas_length, pad_id=tokenizer.pad_token_id,
         t_values=tuple(eval_cfg["loss_t"]), batches=eval_cfg["loss_batches"], seed=gen.seed,
     )
+    n_samples = eval_cfg.get("samples", 8)
     peft_model.eval()
-    report = {"generation_settings": asdict(gen), "examples": len(pairs)}
-    for name in ("base", "adapter"):
-        if name == "base":
-            with peft_model.disable_adapter():
-                losses = heldout_loss(peft_model, examples, **loss_kwargs)
-                gens = generate(peft_model, tokenizer, prompts, gen, desc="eval base")
+    heldout = heldout_set(pairs, examples, eval_cfg)
+    task = evaluate_set(peft_model, tokenizer, heldout, gen, loss_kwargs, has_adapter, n_samples)
+    report = {
+        "schema_version": 1,
+        **(meta or {}),
+        "generation_settings": asdict(gen),
+        "scorers": heldout.scorers,
+        "examples": task["examples"],
+        "samples_shown": n_samples,
+        "definitions": DEFINITIONS,
+    }
+    for name in SIDES:
+        if name in task:
+            report[name] = task[name]
+    report["generations"] = task["generations"]
+    if has_adapter:
+        report["adapter_check"] = adapter_check(peft_model, [r["base"]["output"] for r in task["generations"]],
+                                                [r["adapter"]["output"] for r in task["generations"]],
+                                                tolerance=float(eval_cfg.get("zero_delta_tolerance", 1e-8)))
+    bench_cfg = eval_cfg.get("benchmark")
+    if bench_cfg:
+        try:
+            bench_set = benchmark_set(bench_cfg, tokenizer, canvas_length, data_settings)
+        except UserError as e:  # e.g. offline: the task's numbers still count, the report says what is missing
+            report["benchmark_error"] = str(e)
+            log.warning("benchmark skipped: %s", e)
         else:
-            losses = heldout_loss(peft_model, examples, **loss_kwargs)
-            gens = generate(peft_model, tokenizer, prompts, gen, desc="eval adapter")
-        hits = [exact_match(g.text, ref) for g, ref in zip(gens, refs)]
-        report[name] = {
-            "heldout_loss_by_t": losses,
-            "heldout_loss_mean": sum(losses.values()) / len(losses),
-            "exact_match": sum(hits) / max(len(hits), 1),
-            "tokens_per_forward": sum(g.tokens_per_forward for g in gens) / max(len(gens), 1),
-            "samples": [{"input": q, "reference": ref, "output": g.text}
-                        for (_, ref, q), g in list(zip(pairs, gens))[:8]],
-        }
+            report["benchmark"] = evaluate_set(peft_model, tokenizer, bench_set, gen, loss_kwargs, has_adapter,
+                                               n_samples)
+    if eval_cfg.get("sweep"):
+        report["sweep"] = sweep(peft_model, tokenizer, heldout, gen, eval_cfg["sweep"], has_adapter)
+    report["verdict"] = verdict(report, float(eval_cfg.get("regression_tolerance", 0.02)),
+                                float(eval_cfg.get("speed_tolerance", 0.1)))
+    report["seconds"] = time.perf_counter() - started  # the whole evaluation, for planning the next one
+    if out_dir:
+        from eval.report import write_report
+
+        report["files"] = write_report(report, out_dir)
     return report

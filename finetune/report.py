@@ -41,10 +41,12 @@ def summary(metrics: dict, run_dir: str) -> str:
             a["exact_match"] == b["exact_match"] and a["heldout_loss_mean"] < b["heldout_loss_mean"]) else \
             "adapter does NOT beat base"
         lines.append(f"   -> {verdict}")
+        problems = (ev.get("verdict") or {}).get("regressions", []) + ev.get("adapter_check", {}).get("warnings", [])
+        lines += [f"   !  {problem}" for problem in problems]
         for s in a["samples"][:3]:
             lines.append(f"   e.g. {s['input'][:40]!r} -> {s['output'][:40]!r} (want {s['reference'][:40]!r})")
     lines.append(f" artifacts in {run_dir}")
-    for name in ("adapter/", "metrics.json", "loss_curve.png", "config.yaml"):
+    for name in ("adapter/", "metrics.json", "loss_curve.png", "config.yaml") + tuple((ev or {}).get("files", ())):
         lines.append(f"   {name}")
     lines.append("=" * 64)
     return "\n".join(lines)

@@ -83,6 +83,8 @@ def run(cfg: DictConfig) -> dict:
     objective_settings(cfg)  # settings errors before any download or pre-training
     data_settings = DataSettings(**OmegaConf.to_container(cfg.data))
     target_regex(LoraSettings(**cfg.lora))
+    if cfg.eval.enabled:  # a typo in eval.* must not wait for the end of training to show
+        from eval.compare import validate; validate(OmegaConf.to_container(cfg.eval))  # noqa: E702
     path = base_model_path(cfg)  # first: a wrong model path fails before anything is written
     run_dir = make_run_dir(cfg)
     OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
@@ -133,7 +135,7 @@ def run(cfg: DictConfig) -> dict:
 
         pairs = eval_prompts(eval_rows, tokenizer, data_settings)
         metrics["eval"] = compare(peft_model, tokenizer, pairs, eval_ex, objective, canvas_length,
-                                  OmegaConf.to_container(cfg.eval))
+                                  OmegaConf.to_container(cfg.eval), out_dir=run_dir, data_settings=data_settings)
     metrics["seconds_total"] = time.time() - started
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

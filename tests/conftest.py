@@ -1,7 +1,11 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -34,3 +38,14 @@ def make_model(tokenizer, seed=0, canvas_length=8, init=0.1):
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """`python -m finetune` from a cold cache, as a fresh clone runs it; shared by the end-to-end and eval tests."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": str(tmp / "cache")}
+    result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={tmp / 'run'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp, env, result

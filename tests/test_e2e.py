@@ -11,16 +11,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": str(tmp / "cache")}
-    result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={tmp / 'run'}"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp, env, result
-
-
 @pytest.mark.slow
 def test_default_run_writes_the_run_directory_and_the_adapter_beats_base(default_run):
     tmp, _, result = default_run
@@ -48,6 +38,32 @@ def test_default_run_writes_the_run_directory_and_the_adapter_beats_base(default
     out = result.stdout
     assert "Run finished: tiny" in out and "adapter beats base" in out and str(run) in out
     assert "Pre-training the tiny base once" in out
+
+
+@pytest.mark.slow
+def test_default_run_writes_the_eval_report_and_it_shows_the_adapter_better(default_run):
+    tmp, _, result = default_run
+    run = tmp / "run"
+    for name in ("report.json", "report.md", "loss_by_t.png", "scores.png"):
+        assert (run / name).is_file(), name
+    for name in ("loss_by_t.png", "scores.png"):
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((run / "report.json").read_text())
+    base, adapter = report["base"], report["adapter"]
+    assert report["verdict"]["better_on_task"] is True
+    assert adapter["score"] >= base["score"] + 0.5 and adapter["scores"]["exact_match"] == adapter["exact_match"]
+    assert adapter["heldout_loss_mean"] < base["heldout_loss_mean"]
+    assert report["adapter_check"]["adapter_changed_nothing"] is False
+    assert report["adapter_check"]["changed_generations_fraction"] > 0.5
+    for side in (base, adapter):  # speed numbers present and consistent with their definitions
+        speed = side["speed"]
+        assert speed["tokens_per_forward"] > 0 and speed["tokens_per_second"] > 0
+        assert 1 <= speed["steps_per_canvas"] <= report["generation_settings"]["max_denoising_steps"]
+    assert report["benchmark"]["name"] == "copy" and report["benchmark"]["base"]["score"] > 0.5  # the base's skill
+    assert json.loads((run / "metrics.json").read_text())["eval"]["verdict"] == report["verdict"]
+    md = (run / "report.md").read_text()
+    assert "| better at the task? (exact_match) |" in md and "**yes**" in md and "shift: " in md
+    assert "report.md" in result.stdout
 
 
 @pytest.mark.slow

@@ -1,0 +1,116 @@
+"""`python -m eval` as a user meets it: bad input is one line and exit code 2 before any model loads; on the
+default run's adapter it writes the report, reproduces the end-of-run numbers and sweeps the sampler."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_eval(*args, env=None, timeout=120):
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": "/nonexistent-cache-should-not-be-used"}
+    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def fake_adapter(tmp_path):
+    """An adapter directory whose config names an existing base directory (nothing is loaded in these tests)."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path)}))
+    return adapter
+
+
+def assert_one_line_error(result, expected):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_bad_input_from_the_shell_is_one_line_exit_2():
+    assert_one_line_error(run_eval("adapter=/no/such/adapter"), "adapter='/no/such/adapter' does not exist")
+
+
+def main_in_process(capsys, monkeypatch, *args):
+    """The same entry point without a new interpreter (seconds saved per case); returns (code, stdout, stderr)."""
+    from eval.__main__ import main
+
+    monkeypatch.setenv("FINETUNE_CACHE", "/nonexistent-cache-should-not-be-used")
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["recipe=nope"], "unknown recipe 'nope'"),
+        (["eval.nope=1"], "unknown config key 'eval.nope'"),
+        (["eval.scorers=[exactmatch]"], "unknown scorer 'exactmatch'"),
+        (["eval.sweep={param:temperature,values:[1]}"], "eval.sweep.param='temperature'"),
+        (["eval.sweep={param:entropy_bound,values:[]}"], "eval.sweep.values is empty"),
+        (["eval.sweep={param:entropy_bound,values:[0.1,-1]}"], "eval.sweep entropy_bound=-1: `entropy_bound` must be"),
+        (["eval.generation.t_min=0.9"], "eval.generation: `t_max` must be >= t_min"),
+        (["--cfg", "nope"], "--cfg takes 'job'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(capsys, monkeypatch, args, expected):
+    code, _, err = main_in_process(capsys, monkeypatch, *args)
+    assert code == 2 and err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_adapter_dir_without_config_and_adapter_with_a_lost_base(capsys, monkeypatch, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = main_in_process(capsys, monkeypatch, f"adapter={tmp_path / 'empty'}")
+    assert code == 2 and "holds no adapter_config.json" in err
+    (tmp_path / "lost").mkdir()
+    (tmp_path / "lost" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/base"}))
+    code, _, err = main_in_process(capsys, monkeypatch, f"adapter={tmp_path / 'lost'}")
+    assert code == 2 and "base model /gone/base" in err
+
+
+def test_an_existing_report_is_never_overwritten(capsys, monkeypatch, fake_adapter, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.json").write_text("{}")
+    code, _, err = main_in_process(capsys, monkeypatch, f"adapter={fake_adapter}", f"out={tmp_path / 'out'}")
+    assert code == 2 and "already holds a report.json" in err
+    assert (tmp_path / "out" / "report.json").read_text() == "{}"
+
+
+def test_cfg_job_checks_and_prints_without_loading(capsys, monkeypatch, fake_adapter):
+    code, out, err = main_in_process(capsys, monkeypatch, "recipe=chat_spark", f"adapter={fake_adapter}",
+                                     "eval.max_examples=5", "--cfg", "job")
+    assert code == 0, err
+    assert "max_examples: 5" in out and "name: gsm8k" in out and f"# adapter: {fake_adapter}" in out
+
+
+@pytest.mark.slow
+def test_eval_cli_on_the_default_run_reproduces_its_numbers_and_sweeps(default_run, tmp_path):
+    tmp, env, _ = default_run
+    run = tmp / "run"
+    out = tmp_path / "eval"
+    result = run_eval("recipe=tiny", f"adapter={run / 'adapter'}", f"out={out}",
+                      "eval.sweep={param:max_denoising_steps,values:[1,4,48]}", env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("report.json", "report.md", "loss_by_t.png", "scores.png", "sweep.png", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    at_end_of_training = json.loads((run / "report.json").read_text())
+    # fixed t, fixed noise, fixed sampler seed: a separate process gives the end-of-run numbers again
+    for side in ("base", "adapter"):
+        assert report[side]["heldout_loss_by_t"] == at_end_of_training[side]["heldout_loss_by_t"]
+        assert report[side]["scores"] == at_end_of_training[side]["scores"]
+    assert report["verdict"]["better_on_task"] and report["adapter"]["score"] >= report["base"]["score"] + 0.5
+    assert report["adapter_check"]["adapter_changed_nothing"] is False
+    sweep = report["sweep"]["adapter"]
+    assert [p["value"] for p in sweep] == [1, 4, 48]
+    assert sweep[0]["steps_per_canvas"] == 1 and sweep[0]["tokens_per_forward"] > sweep[-1]["tokens_per_forward"]
+    assert "adapter beats base" in result.stdout and str(out) in result.stdout

@@ -1,0 +1,100 @@
+"""The lm-evaluation-harness model class: it answers a small local generate_until task through the harness, and
+likelihood requests fail with a message that says why."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")  # the optional extra: pip install -e ".[lm-eval]"
+
+from conftest import make_model  # noqa: E402
+from eval.generation import GenerationSettings, generate  # noqa: E402
+from finetune.tiny import generation_config, task_rows  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{completion}}}}"
+generation_kwargs:
+  until: ["<turn|>"]
+  max_gen_toks: 8
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_task(directory, name="tiny_shift_local", rows=8, task="shift"):
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in task_rows(task, rows, 7)))
+    (directory / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data))
+    return name
+
+
+def test_generate_until_answers_a_local_task_through_the_harness(tokenizer, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from eval.lm_eval_model import DiffusionGemmaLM
+
+    model = make_model(tokenizer)
+    model.generation_config = generation_config(tokenizer, 8)
+    lm = DiffusionGemmaLM(model=model, tokenizer=tokenizer, batch_size=4, max_denoising_steps=4)
+    name = write_task(tmp_path)
+    out = simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=str(tmp_path)),
+                          apply_chat_template=True, log_samples=True)
+    assert "exact_match,none" in out["results"][name]
+    samples = out["samples"][name]
+    assert len(samples) == 8
+    # the harness rendered the chat template through the class, and the answers are our generate()'s answers
+    prompts = [s["arguments"][0][0] for s in samples]
+    assert all(p.startswith("<bos><|turn>user\nshift: ") and p.endswith("<|turn>model\n")
+               for p in prompts)
+    ours = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=8, max_denoising_steps=4,
+                                                                  batch_size=4))
+    assert [s["resps"][0][0] for s in samples] == [g.text.split("<turn|>")[0] for g in ours]
+
+
+def test_likelihood_requests_say_block_diffusion_has_none(tokenizer):
+    from eval.lm_eval_model import DiffusionGemmaLM
+
+    lm = DiffusionGemmaLM(model=make_model(tokenizer), tokenizer=tokenizer)
+    for method in (lm.loglikelihood, lm.loglikelihood_rolling):
+        with pytest.raises(NotImplementedError, match="no left-to-right token likelihood"):
+            method([])
+
+
+def test_the_model_is_registered_under_its_name():
+    from lm_eval.api.registry import get_model
+
+    from eval.lm_eval_model import DiffusionGemmaLM
+
+    assert get_model("diffusiongemma") is DiffusionGemmaLM
+
+
+@pytest.mark.slow
+def test_harness_cli_scores_the_trained_adapter(default_run, tmp_path):
+    """`python -m eval.harness` with the default run's adapter: the shift task, answered by the adapter."""
+    tmp, env, _ = default_run
+    name = write_task(tmp_path, rows=16)
+    adapter = tmp / "run" / "adapter"
+    result = subprocess.run(
+        [sys.executable, "-m", "eval.harness", "--model", "diffusiongemma", "--model_args",
+         f"adapter={adapter},max_denoising_steps=48", "--tasks", name, "--include_path", str(tmp_path),
+         "--apply_chat_template", "--batch_size", "16", "--output_path", str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = list((tmp_path / "out").rglob("results_*.json"))
+    score = json.loads(path.read_text())["results"][name]["exact_match,none"]
+    assert score >= 0.8, score
