@@ -74,8 +74,10 @@ def evaluate(argv: list[str], show_cfg: bool = False) -> dict | None:
     from eval.report import console_summary
     from finetune.config import compose, recipe_choice
     from finetune.data import DataSettings, eval_prompts, load_splits
-    from finetune.model import dtype_for, load_adapter, load_model, load_tokenizer, resolve_model_path
-    from finetune.run import _device, base_model_path, objective_settings  # the training run's own choices
+    from finetune.model import (
+        dtype_for, load_adapter, load_model, load_tokenizer, resolve_device, resolve_model_path,
+    )
+    from finetune.run import base_model_path, objective_settings  # the training run's own choices
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     adapter, out = _take(argv, "adapter"), _take(argv, "out")
@@ -90,7 +92,7 @@ def evaluate(argv: list[str], show_cfg: bool = False) -> dict | None:
         print(f"# adapter: {adapter}\n# base model: {base or cfg.model.name_or_path}")
         return None
     out_dir = output_dir(out, adapter, recipe_choice(argv))
-    device = _device(cfg.hardware.device)
+    device = resolve_device(cfg.hardware.device)
     torch.manual_seed(cfg.seed)
     path = resolve_model_path(base) if adapter else base_model_path(cfg)
 
@@ -116,7 +118,7 @@ def evaluate(argv: list[str], show_cfg: bool = False) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.errors import UserError
+    from finetune.errors import run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -130,15 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         del argv[i : i + 2]
         show_cfg = True
-    try:
-        evaluate(argv, show_cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: evaluate(argv, show_cfg) and 0)
 
 
 if __name__ == "__main__":

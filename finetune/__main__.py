@@ -13,7 +13,7 @@ USAGE = """usage: python -m finetune [recipe=NAME] [key=value ...] [--cfg job]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.errors import UserError
+    from finetune.errors import run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         del argv[i : i + 2]
         show_cfg = True
-    try:
+    def body():
         from finetune.config import compose
 
         cfg = compose(argv)
@@ -39,13 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.run import run
 
         run(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

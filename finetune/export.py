@@ -21,7 +21,7 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from finetune.errors import UserError
+from finetune.errors import UserError, run_cli
 
 FORMATS = ("adapter", "merged", "both")
 DTYPES = ("bfloat16", "float32", "float16")
@@ -128,21 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(USAGE)
         return 0
-    try:
+
+    def body():
         run_dir, settings = parse_args(argv)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own log lines say what happens; errors stay one line
         warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices, not the user's concern
-        command = "python -m finetune.export " + shlex.join(argv)
-        export_run(run_dir, settings, command=command)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        export_run(run_dir, settings, command="python -m finetune.export " + shlex.join(argv))
+
+    return run_cli(body)
 
 
 # --- the run being exported --------------------------------------------------------------------------------------
@@ -175,16 +170,6 @@ def read_run(run_dir: str) -> RunInfo:
     if not base:
         raise UserError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
     return RunInfo(run_dir, cfg, metrics, adapter_dir, base)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is visible: use device=cpu")
-    return name
 
 
 def load_finetuned(info: RunInfo, device: str):
@@ -677,7 +662,9 @@ def export_run(run_dir: str, settings: ExportSettings, model=None, tokenizer=Non
     settings.validate()
     info = read_run(run_dir)
     outs = output_dirs(info.run_dir, settings)
-    device = device or _device(settings.device)
+    from finetune.model import resolve_device
+
+    device = device or resolve_device(settings.device, key="device")
     owned = model is None
     if owned:
         log(f"export: loading {info.base_model} with the adapter of {info.run_dir}")

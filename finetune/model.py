@@ -29,6 +29,15 @@ STACKS = {
 PLACEMENTS = ("shared", "decoder", "separate")
 
 
+def resolve_device(name: str, key: str = "hardware.device") -> str:
+    """auto | cpu | cuda -> the device to use; asking for cuda without one is the user's error, named by ``key``."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key}=cuda but no CUDA device is visible: use {key}=cpu (or auto), or check the driver")
+    return name
+
+
 def dtype_for(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32

@@ -15,21 +15,14 @@ from finetune import preflight
 from finetune.data import DataSettings, eval_prompts
 from finetune.errors import UserError
 from finetune.model import (
-    LoraSettings, attach_lora, count_parameters, target_regex, dtype_for, load_model, load_tokenizer, resolve_model_path,
+    LoraSettings, attach_lora, count_parameters, dtype_for, load_model, load_tokenizer, resolve_device,
+    resolve_model_path, target_regex,
 )
 from finetune.objective import ObjectiveConfig
 from finetune.report import plot_loss, summary
 from finetune.train import TrainSettings, fit
 
 log = logging.getLogger("finetune")
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("hardware.device=cuda but no CUDA device is visible: use hardware=cpu or check the driver")
-    return name
 
 
 def base_model_path(cfg: DictConfig) -> str:
@@ -78,7 +71,7 @@ def save_adapter(peft_model, tokenizer, path: str):
 def run(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.time()
-    device = _device(cfg.hardware.device)
+    device = resolve_device(cfg.hardware.device)
     torch.manual_seed(cfg.seed)
     objective_settings(cfg)  # settings errors before any download or pre-training
     data_settings = DataSettings(**OmegaConf.to_container(cfg.data))
