@@ -548,7 +548,7 @@ def model_card(kind: str, info: RunInfo, path: str, verification: dict | None, c
     title = "LoRA adapter" if kind == "adapter" else "merged weights (LoRA folded in)"
     parts = [_front_matter(info.base_model, "peft" if kind == "adapter" else "transformers"),
              f"# {run_name}: DiffusionGemma {title}\n",
-             f"Fine-tuned with [finetune](https://github.com/) from the run directory `{info.run_dir}`.\n",
+             f"Fine-tuned with the finetune toolkit; run directory `{info.run_dir}`.\n",
              "## Base model\n", f"`{info.base_model}` (`DiffusionGemmaForBlockDiffusion`, canvas length "
              f"{info.canvas_length}).\n"]
     parts += ["## Recipe\n",
@@ -598,7 +598,8 @@ def model_card(kind: str, info: RunInfo, path: str, verification: dict | None, c
         parts.append("Do not serve this checkpoint with vLLM: it is untied (see above) and vLLM would load one "
                      "backbone for both passes. transformers loads it as shown.\n")
     else:
-        parts += ["With vLLM (>= 0.24), which loads it as it loads the released checkpoint:\n",
+        parts += ["With vLLM (>= 0.24), which reads this layout and these key names as it reads the released "
+                  "checkpoint's:\n",
                   "```bash\n" + vllm_command(path, info.canvas_length) + "\n```\n"]
     return "\n".join(parts)
 

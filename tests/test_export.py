@@ -194,6 +194,39 @@ def test_merged_and_adapter_models_generate_the_same_tokens_for_the_same_seed(sh
         assert torch.equal(outs[0], outs[1]), seed
 
 
+# vLLM's DiffusionGemma (vllm/model_executor/models/diffusion_gemma.py, hf_to_vllm_mapper) runs one backbone for
+# both passes: it renames checkpoint keys by these prefixes, first match wins.
+VLLM_PREFIXES = {
+    "model.decoder.self_conditioning.": "self_conditioning.",
+    "model.decoder.": "model.",
+    "model.encoder.language_model.": "model.",
+    "model.encoder.vision_tower.": "vision_tower.",
+    "model.encoder.embed_vision.": "embed_vision.",
+}
+
+
+def vllm_collisions(directory):
+    """Checkpoint keys that vLLM's renaming lands on one parameter with different values."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(directory, name)))
+    seen, clashes = {}, []
+    for key, value in tensors.items():
+        new = next((v + key[len(p):] for p, v in VLLM_PREFIXES.items() if key.startswith(p)), key)
+        if new in seen and not torch.equal(seen[new][1], value):
+            clashes.append((seen[new][0], key))
+        seen.setdefault(new, (key, value))
+    return clashes
+
+
+def test_merged_checkpoint_gives_vllms_single_backbone_one_consistent_set_of_weights(shared_run):
+    _, _, result = shared_run
+    assert vllm_collisions(result["merged"]["path"]) == []
+
+
 def test_bfloat16_merge_is_verified_within_its_tolerance(tmp_path, tokenizer, base_dir):
     run_dir, model = make_run(tmp_path / "run", tokenizer, base_dir)
     result = ex.export_run(run_dir, ex.ExportSettings(format="merged"))  # dtype bfloat16 is the default
@@ -242,6 +275,9 @@ def test_untie_writes_an_untied_checkpoint_that_matches_and_says_so(tmp_path, to
     assert (logits(merged, ids, canvas) - logits(model, ids, canvas)).abs().max() <= 1e-4
     card = open(os.path.join(out, "README.md")).read()
     assert "UNTIED" in card and "vLLM cannot serve it" in card and "vllm serve" not in card
+    clashes = vllm_collisions(out)  # why: vLLM would load encoder and decoder weights into the same tensors
+    assert ("model.decoder.layers.0.self_attn.q_proj.weight",
+            "model.encoder.language_model.layers.0.self_attn.q_proj.weight") in {tuple(sorted(c)) for c in clashes}
 
 
 def test_separate_adapters_merge_only_when_their_deltas_agree(tmp_path, tokenizer, base_dir):
