@@ -77,7 +77,9 @@ def run(cfg: DictConfig) -> dict:
     data_settings = DataSettings(**OmegaConf.to_container(cfg.data))
     target_regex(LoraSettings(**cfg.lora))
     if cfg.eval.enabled:  # a typo in eval.* must not wait for the end of training to show
-        from eval.compare import validate; validate(OmegaConf.to_container(cfg.eval))  # noqa: E702
+        from eval.compare import validate
+
+        validate(OmegaConf.to_container(cfg.eval))
     path = base_model_path(cfg)  # first: a wrong model path fails before anything is written
     run_dir = make_run_dir(cfg)
     OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))

@@ -36,6 +36,16 @@ def make_model(tokenizer, seed=0, canvas_length=8, init=0.1):
 
 
 @pytest.fixture
+def one_thread():
+    """Generation on a tiny model is thousands of small ops: one thread is as fast on a quiet machine and does not
+    slow down tenfold when other processes share the cores (thread barriers spin)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_model(tokenizer):
     return make_model(tokenizer)
 

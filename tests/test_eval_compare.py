@@ -16,6 +16,8 @@ from finetune.model import LoraSettings, attach_lora
 from finetune.objective import ObjectiveConfig
 from finetune.tiny import generation_config, task_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CANVAS = 8
 GEN = dict(max_new_tokens=8, max_denoising_steps=4, entropy_bound=0.1, t_max=0.8, t_min=0.4, batch_size=4, seed=0)
 

@@ -14,6 +14,8 @@ from conftest import make_model  # noqa: E402
 from eval.generation import GenerationSettings, generate  # noqa: E402
 from finetune.tiny import generation_config, task_rows  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TASK_YAML = """task: {name}
