@@ -22,18 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int | None = None  # null: the model's generation_config
-    max_denoising_steps: int = 48  # the model's own default
-    entropy_bound: float = 0.1  # higher accepts more tokens per step: faster, riskier
-    t_max: float = 0.8  # temperature at the first denoising step
-    t_min: float = 0.4  # temperature at the last
-    stability_threshold: int | None = None  # adaptive stop: steps the argmax canvas must stay equal; null: model's
-    confidence_threshold: float | None = None  # adaptive stop: mean entropy below which to stop; null: model's
-    batch_size: int = 16
-    seed: int = 0
+from finetune.config import GenerationSettings
 
 
 @dataclass

@@ -1,46 +1,76 @@
-"""python -m finetune [recipe=NAME] [key=value ...] [--cfg job]"""
+"""python -m finetune [recipe=NAME] [key=value ...] [-m] [--cfg job|hydra|all] [--info] [--help]
+
+Hydra as its users know it (`@hydra.main`): `-m` sweeps into `multirun/<run_name>-<time>/<job>/`, `hydra.run.dir`
+(or `output_dir`) places a run, `--cfg`, `--info`, `--hydra-help` and tab completion work. Hydra alone would print a
+stack of lines and exit 1 on a typo, and create the run directory first; so every job's overrides are composed and
+checked here before Hydra starts: bad input is one `error:` line, exit code 2, and nothing is written.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
-USAGE = """usage: python -m finetune [recipe=NAME] [key=value ...] [--cfg job]
+import hydra
 
-  recipe=NAME   a file in recipes/ (default: tiny, which runs on a laptop CPU with no downloads)
-  key=value     override any config key, e.g. train.max_steps=400 lora.r=8 data.train=my.jsonl
-  --cfg job     print the resolved config and exit
-"""
+from finetune.config import register
 
 
-def main(argv: list[str] | None = None) -> int:
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def job(cfg) -> None:
+    """One run, in the directory Hydra made for it; a failure before training leaves no directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune.errors import run_cli
+    from finetune.run import remove_if_unused, run
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    code = 1
+    try:
+        code = run_cli(lambda: run(cfg, run_dir) and 0)
+    finally:
+        if code:
+            remove_if_unused(run_dir)
+    if code:
+        sys.exit(code)
+
+
+def check(argv: list) -> int:
+    """Compose and check every job this command line would start; 0, or 2 after a one-line error."""
+    from finetune.cli import HYDRA_ANSWERS, hydra_flags, jobs, take_cfg
+    from finetune.config import compose
     from finetune.errors import run_cli
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
-        return 0
-    show_cfg = False
-    if "--cfg" in argv:
-        i = argv.index("--cfg")
-        if argv[i + 1 : i + 2] not in (["job"], ["all"]):
-            print("error: --cfg takes 'job'", file=sys.stderr)
-            return 2
-        del argv[i : i + 2]
-        show_cfg = True
     def body():
-        from finetune.config import compose
+        args = list(argv)
+        take_cfg(args)  # a bad --cfg value is our one-line error, not argparse's usage block
+        overrides, multirun = hydra_flags(args)
+        from omegaconf import OmegaConf, open_dict
 
-        cfg = compose(argv)
-        if show_cfg:
-            from omegaconf import OmegaConf
+        from finetune.run import check as check_run
 
-            print(OmegaConf.to_yaml(cfg), end="")
-            return 0
-        from finetune.run import run
+        for overrides_of_job in jobs(overrides, multirun):
+            cfg = compose(overrides_of_job, return_hydra_config=True)
+            run_dir = None if multirun else os.path.abspath(str(cfg.hydra.run.dir))
+            with open_dict(cfg):
+                del cfg["hydra"]
+            OmegaConf.resolve(cfg)
+            check_run(cfg, run_dir)
 
-        run(cfg)
-
+    if any(a in HYDRA_ANSWERS or a.startswith(("--shell-completion", "-sc")) for a in argv):
+        return 0
     return run_cli(body)
+
+
+def main(argv: list | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = check(argv)
+    if code:
+        return code
+    register()
+    sys.argv = [sys.argv[0]] + argv
+    job()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,23 @@
-"""Compose the run config with Hydra: base config and groups from finetune/conf, recipes from recipes/."""
+"""The config schema: every key, its type, its default and its one-line comment, once.
 
-from __future__ import annotations
+The dataclasses below are registered with Hydra as structured configs, so the YAML in `finetune/conf/` (the
+alternatives of a group: `model=diffusiongemma_26b`, `hardware=spark`, `objective=axolotl`, ...) and the recipes in
+`recipes/` state only what differs, and a key that does not exist or a value of the wrong type is an error that
+names the key. The stages import their settings from here; nothing here imports a stage.
+
+`python -m finetune` runs through `@hydra.main` (multirun with `-m`, `hydra.run.dir`, `--cfg all`, `--info`, tab
+completion: Hydra as its users know it); `finetune.cli` validates every job's overrides with `compose` first, so bad
+input is still one line and exit code 2 with nothing written. `python -m eval`, `python -m finetune.preflight` and
+`python -m finetune.export` compose the same config through the same prologue.
+"""
 
 import glob
 import os
 import re
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401 (MISSING: for schema users)
 
 from finetune.errors import UserError
 
@@ -14,42 +25,361 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 RECIPES_DIR = os.environ.get(
     "FINETUNE_RECIPES", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 )
+DEFAULT_RECIPE = "tiny"
 
 
-def recipe_names() -> list[str]:
+# --- the schema ----------------------------------------------------------------------------------------------------
+@dataclass
+class TinyBaseSettings:
+    """The built-in tiny base; changing any key builds (and caches) another base."""
+
+    size: str = "small"  # tiny (64 hidden) or small (128 hidden)
+    canvas_length: int = 8  # block length; 256 in the real model
+    steps: int = 600  # full pre-training steps on the generic tasks (copy, upper, double)
+    batch_size: int = 16
+    lr: float = 1e-3
+    rows: int = 6000
+    seed: int = 0
+
+
+@dataclass
+class ModelSettings:
+    name_or_path: str = "tiny"  # tiny (built in), a hub id (google/diffusiongemma-26B-A4B-it) or a local directory
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU | float32 | bfloat16 | float16
+    load_in_4bit: bool = False  # bitsandbytes NF4 for the dense text linears (~6 GB saved); the 46 GB of experts stay
+    attn_implementation: str = "sdpa"  # the training masks are boolean 4-D masks, which sdpa takes as they are
+    tiny: TinyBaseSettings = field(default_factory=TinyBaseSettings)  # used only when name_or_path is tiny
+
+
+@dataclass
+class DataSettings:
+    # (__post_init__ checks and never rewrites a value: Hydra builds the schema's defaults through it)
+    train: str = "tiny:shift"  # tiny:<task>, a local .jsonl/.json/.parquet/.csv file or directory, or a hub data set id
+    eval: Optional[str] = "tiny:shift"  # same forms; null holds out eval_fraction of train
+    train_split: str = "train"  # split names, for hub data sets
+    eval_split: str = "test"
+    subset: Optional[str] = None  # hub data set config name
+    train_rows: Optional[int] = None  # cap on rows read (tiny: rows generated); null reads them all
+    eval_rows: Optional[int] = 64
+    eval_fraction: float = 0.05  # with eval null: this seeded fraction of train is held out
+    seed: int = 0  # linked to the run's seed in conf/config.yaml
+    system_prompt: Optional[str] = None  # prepended as a system turn when the row has none
+    max_prompt_tokens: int = 1024  # longer prompts are dropped (or cut) and counted: prompts cost encoder memory
+    max_response_canvases: int = 4  # responses needing more canvases are dropped (or cut) and counted
+    overlong: str = "drop"  # drop: skip over-long turns (counted) | truncate: cut old context / response tail
+    supervise: str = "last"  # last: the final assistant turn (the public recipes) | all: every assistant turn
+    thinking: bool = False  # true: render with the thinking flag and train on reasoning; false strips reasoning
+    on_bad_row: str = "error"  # error: stop at the first bad row | skip: skip it, count it, report the first few
+    text_prompt_fraction: float = 0.5  # plain-text rows: this head fraction is the prompt, the tail is supervised
+    training_template: str = "auto"  # auto: TRL's training variant of the model's template ({% generation %} marks)
+    # rename map {their column: ours}, e.g. data.columns="{question: prompt, answer: completion}" (typed Any: Hydra
+    # cannot add keys to a typed Dict from the command line)
+    columns: Optional[Any] = None
+
+    def __post_init__(self):
+        if self.columns is not None and not (isinstance(self.columns, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items())):
+            raise UserError(f"data.columns={self.columns!r}: give a map of column names, e.g. "
+                            "data.columns=\"{question: prompt, answer: completion}\"")
+        for key, allowed in (("overlong", ("drop", "truncate")), ("supervise", ("last", "all")),
+                             ("on_bad_row", ("error", "skip"))):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"data.{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
+        if not 0.0 < self.text_prompt_fraction < 1.0:
+            raise UserError(f"data.text_prompt_fraction={self.text_prompt_fraction}: must be between 0 and 1")
+        if self.max_response_canvases < 1 or self.max_prompt_tokens < 1:
+            raise UserError("data.max_response_canvases and data.max_prompt_tokens must be at least 1")
+
+
+TARGET_PRESETS = ("attn_mlp", "attn", "mlp")
+PLACEMENTS = ("shared", "decoder", "separate")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the text stack; the router, experts, embeddings and head stay frozen."""
+
+    r: int = 16
+    alpha: int = 32  # scale = alpha / r
+    dropout: float = 0.0
+    targets: str = "attn_mlp"  # attn_mlp (q,k,v,o + gate,up,down: every public recipe) | attn | mlp
+    # Encoder and decoder are one weight-tied stack run twice. shared: one LoRA used by both passes (keeps the tie,
+    # merges into one tensor) | decoder: the denoiser only, encoder frozen (least memory; needs
+    # objective.encoder_ar_weight=0) | separate: independent encoder and decoder LoRA (cannot merge into the tie)
+    placement: str = "shared"
+
+    def __post_init__(self):
+        if self.targets not in TARGET_PRESETS:
+            raise UserError(f"lora.targets={self.targets!r}: use one of {', '.join(TARGET_PRESETS)}")
+        if self.placement not in PLACEMENTS:
+            raise UserError(f"lora.placement={self.placement!r}: use one of {', '.join(PLACEMENTS)}")
+
+
+CORRUPTIONS = ("uniform", "mask")
+LOSS_ON = ("supervised", "corrupted")
+WEIGHTINGS = ("flat", "inverse_t")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Settings of the diffusion loss. Defaults follow the model's own sampler and the NeMo/Google recipe: uniform
+    noise (generate() starts from random tokens), every canvas position scored (the sampler re-predicts all of them),
+    self-conditioning as at inference, and NeMo/Google's next-token loss on the encoder."""
+
+    corruption: str = "uniform"  # uniform: random vocabulary tokens (DiffusionGemma's own) | mask: MDLM/LLaDA-style
+    mask_token_id: Optional[int] = None  # corruption=mask: null takes the tokenizer's mask token
+    loss_on: str = "supervised"  # supervised: every canvas position | corrupted: only replaced ones (axolotl)
+    weighting: str = "flat"  # flat: mean CE over counted tokens | inverse_t: CE/t, ELBO-style (axolotl)
+    t_min: float = 1e-3  # t ~ U(t_min, 1) per example
+    self_conditioning_p: float = 0.5  # per example: a no-grad first pass whose logits condition the second
+    encoder_ar_weight: float = 1.0  # next-token loss on the encoder's hidden states (0 drops it, as Unsloth does)
+
+    def __post_init__(self):
+        for key, value, allowed in (("corruption", self.corruption, CORRUPTIONS), ("loss_on", self.loss_on, LOSS_ON),
+                                    ("weighting", self.weighting, WEIGHTINGS)):
+            if value not in allowed:
+                raise ValueError(f"objective.{key}={value!r} is not one of {', '.join(allowed)}")
+        if not 0.0 <= self.t_min < 1.0:
+            raise ValueError(f"objective.t_min={self.t_min} must be in [0, 1)")
+        if not 0.0 <= self.self_conditioning_p <= 1.0:
+            raise ValueError(f"objective.self_conditioning_p={self.self_conditioning_p} must be in [0, 1]")
+        if self.encoder_ar_weight < 0:
+            raise ValueError(f"objective.encoder_ar_weight={self.encoder_ar_weight} must be >= 0")
+        if self.corruption == "mask" and self.mask_token_id is None:
+            raise ValueError("objective.corruption=mask needs objective.mask_token_id (the tokenizer has no mask token)")
+
+
+REPORT_TO = ("tensorboard", "none", "wandb", "trackio")
+
+
+@dataclass
+class TrainSettings:
+    """The public recipes' optimiser: AdamW (0.95, 0.99), warmup then cosine to lr/10, clip 1.0, 800 steps."""
+
+    max_steps: int = 800
+    batch_size: int = 1  # per device; effective batch = batch_size x grad_accum
+    grad_accum: int = 8
+    lr: float = 1.5e-4
+    min_lr_ratio: float = 0.1  # cosine ends at lr x min_lr_ratio
+    warmup_steps: int = 25
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.95
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 0  # 0: no intermediate checkpoints (the adapter is always saved at the end)
+    save_total_limit: int = 2
+    gradient_checkpointing: bool = False  # true trades decoder recompute for activation memory
+    seed: int = 0  # linked to the run's seed in conf/config.yaml
+    resume_from_checkpoint: Optional[str] = None  # a checkpoint directory under <run>/checkpoints, to continue a run
+    disable_tqdm: bool = False
+    # where the loss, its parts, lr and grad norm go live: tensorboard (into <run>/tensorboard) | none | wandb |
+    # trackio; several: "tensorboard,wandb"
+    report_to: str = "tensorboard"
+
+    def __post_init__(self):
+        for name in self.report_to_list():
+            if name not in REPORT_TO:
+                raise UserError(f"train.report_to={self.report_to!r}: use {', '.join(REPORT_TO)} (or several, "
+                                "comma-separated)")
+
+    def report_to_list(self) -> List[str]:
+        names = [n.strip() for n in str(self.report_to).split(",") if n.strip()]
+        return [] if names in ([], ["none"]) else names
+
+
+@dataclass
+class HardwareSettings:
+    device: str = "cpu"  # cpu | cuda | auto
+    bf16: bool = False  # mixed precision in the Trainer
+
+
+@dataclass
+class GenerationSettings:
+    """The model's sampler (transformers' DiffusionGemma generate())."""
+
+    # null: sized from the held-out references (their canvases plus one, within data.max_response_canvases)
+    max_new_tokens: Optional[int] = None
+    max_denoising_steps: int = 48  # the model's own default; fewer is faster, coarser
+    entropy_bound: float = 0.1  # higher accepts more tokens per step: faster, riskier
+    t_max: float = 0.8  # temperature at the first denoising step (linear schedule)
+    t_min: float = 0.4  # temperature at the last
+    stability_threshold: Optional[int] = None  # adaptive stop: steps the argmax canvas stays equal; null: model's (1)
+    confidence_threshold: Optional[float] = None  # adaptive stop: mean entropy below which to stop; null: model's
+    batch_size: int = 16  # prompts per generate() call (left-padded); tokens/second is measured at this batch size
+    seed: int = 0  # starting noise; base and adapter get the same (linked to the run's seed in conf/config.yaml)
+
+
+@dataclass
+class BenchmarkSettings:
+    """A second, named data set scored the same way, to catch what the adapter broke."""
+
+    name: Optional[str] = None  # shown in the report; null: the source
+    source: str = MISSING  # tiny:<task>, a local .jsonl/.json/.parquet/.csv file, or a hub data set id
+    subset: Optional[str] = None  # hub data set config name
+    split: str = "test"
+    columns: Optional[Any] = None  # rename map to prompt/completion (or give a messages column)
+    scorers: List[str] = field(default_factory=lambda: ["exact_match"])
+    max_examples: Optional[int] = 200  # null: all rows
+    instruction: Optional[str] = None  # appended to each question
+
+
+@dataclass
+class SweepSettings:
+    """The sampler's speed/quality trade-off: score and speed at each value of one setting."""
+
+    param: str = "max_denoising_steps"  # max_denoising_steps | entropy_bound
+    values: List[Any] = field(default_factory=lambda: [4, 8, 16, 48])
+
+
+@dataclass
+class EvalSettings:
+    """Evaluation, base vs adapter: at the end of training and with python -m eval."""
+
+    enabled: bool = True  # false skips the evaluation at the end of training
+    max_examples: int = 64  # held-out rows used for generation
+    loss_t: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # fixed noise levels (comparable)
+    loss_batches: int = 4  # batches of 16 held-out examples per noise level
+    scorers: List[str] = field(default_factory=lambda: ["exact_match"])  # first is the headline; exact_match, numeric
+    samples: int = 10  # generations shown side by side in report.md (report.json keeps all)
+    regression_tolerance: float = 0.02  # a score change counts above this and 2 paired standard errors
+    speed_tolerance: float = 0.1  # adapter tokens per forward more than 10% below base counts as "slower"
+    zero_delta_tolerance: float = 1e-8  # a LoRA delta norm at or below this counts as zero ("adapter changed nothing")
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    benchmark: Optional[BenchmarkSettings] = None  # e.g. GSM8K for the chat recipes (conf/eval/chat.yaml)
+    sweep: Optional[SweepSettings] = None  # e.g. 'eval.sweep={param: max_denoising_steps, values: [4, 8, 16, 48]}'
+
+
+EXPORT_FORMATS = ("adapter", "merged", "both")
+EXPORT_DTYPES = ("bfloat16", "float32", "float16")
+
+
+@dataclass
+class ExportSettings:
+    """Export at the end of a run (the `export` group) or with python -m finetune.export."""
+
+    format: str = "adapter"  # adapter (PEFT, for transformers + peft) | merged (full weights, for vLLM) | both | none
+    dtype: str = "bfloat16"  # merged weights: bfloat16 (as released) | float32 | float16
+    verify: bool = True  # reload the export in a fresh process and compare logits with the fine-tuned model
+    untie: bool = False  # merged, when encoder and decoder deltas differ: true unties (2x size, no vLLM)
+    max_shard_size: str = "5GB"  # merged safetensors shard size
+    push_to_hub: Optional[str] = None  # a hub repo id (org/name) to upload the verified export to; null keeps it local
+    device: str = "auto"  # python -m finetune.export: where the merge and check run (auto | cpu | cuda)
+    out: Optional[str] = None  # python -m finetune.export: where the export goes (default <run>/export/<format>)
+
+    def validate(self, allow_none: bool = False):
+        formats = EXPORT_FORMATS + (("none",) if allow_none else ())
+        if self.format not in formats:
+            raise UserError(f"format={self.format!r}: use one of {', '.join(formats)}")
+        if self.dtype not in EXPORT_DTYPES:
+            raise UserError(f"dtype={self.dtype!r}: use one of {', '.join(EXPORT_DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"device={self.device!r}: use auto, cpu or cuda")
+        if self.push_to_hub is not None and str(self.push_to_hub).count("/") != 1:
+            raise UserError(f"push_to_hub={self.push_to_hub!r}: give a hub repo id such as my-org/my-model")
+        try:
+            from huggingface_hub import split_torch_state_dict_into_shards
+
+            split_torch_state_dict_into_shards({}, max_shard_size=str(self.max_shard_size))  # parses the size
+        except ValueError:
+            raise UserError(f"max_shard_size={self.max_shard_size!r}: give a size such as 5GB or 500MB") from None
+        return self
+
+
+@dataclass
+class Config:
+    run_name: Optional[str] = None  # names the run directory; null: the recipe name
+    output_dir: Optional[str] = None  # the run directory (same as hydra.run.dir); null: outputs/<run_name>-<time>
+    cache_dir: str = "${oc.env:FINETUNE_CACHE,'~/.cache/finetune'}"  # where the pre-trained tiny base is cached
+    seed: int = 0  # one seed for data order, noise and initialisation
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    hardware: HardwareSettings = field(default_factory=HardwareSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+
+
+def settings(node):
+    """A config node as its dataclass (validated by the dataclass itself); errors name the key."""
+    try:
+        return OmegaConf.to_object(node)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(_first_message(e)) from None
+
+
+# --- recipes and composition ---------------------------------------------------------------------------------------
+def recipe_names() -> list:
     return sorted(os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(RECIPES_DIR, "*.yaml")))
 
 
-def _register_recipes():
-    """recipes/*.yaml become the config group `recipe` (each file is a global-package experiment config)."""
+def register() -> None:
+    """The schema as `schema` and recipes/*.yaml as the config group `recipe` (each a `_global_` experiment file).
+
+    A recipe's run name is its file name unless the file sets run_name.
+    """
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
     for name in recipe_names():
         path = os.path.join(RECIPES_DIR, f"{name}.yaml")
         try:
             node = OmegaConf.load(path)
         except Exception as e:
             raise UserError(f"recipe file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if "run_name" not in node:
+            node.run_name = name
         store.store(group="recipe", name=name, node=node, package="_global_")
 
 
-def recipe_choice(overrides: list[str]) -> str:
+def recipe_choice(overrides: list) -> str:
     for o in overrides:
         if o.startswith("recipe="):
             return o.split("=", 1)[1]
-    return "tiny"
+    return DEFAULT_RECIPE
 
 
 def _first_message(e: BaseException) -> str:
+    """The first line of the most useful message in an exception chain ("Error merging override k=v" says where,
+    its cause says what), with the key OmegaConf names."""
+    lines = []
     while e is not None:
-        if str(e).strip():
-            return str(e).strip().splitlines()[0]
+        text = str(e).strip()
+        if text:
+            lines.append(text.splitlines())
         e = e.__cause__ or e.__context__
-    return "invalid configuration"
+    if not lines:
+        return "invalid configuration"
+    first = lines[0][0]
+    where = re.match(r"Error merging override (\S+)", first)
+    if where and len(lines) > 1:
+        return f"{where.group(1)}: {lines[1][0]}"
+    key = next((line.split(":", 1)[1].strip() for line in lines[0] if line.strip().startswith("full_key:")), "")
+    return f"{key}: {first}" if key and key not in first else first
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def explain(e: BaseException) -> str:
+    """Hydra's and OmegaConf's composition errors as one line that says what to do."""
+    msg = _first_message(e)
+    missing = re.search(r"Could not find '(\w+)/(\w+)'", msg)
+    if missing:
+        group, choice = missing.groups()
+        folder = os.path.join(CONF_DIR, group)
+        options = recipe_names() if group == "recipe" else sorted(
+            os.path.splitext(f)[0] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+        return f"{group}={choice} is not a known {group} config; choose one of {', '.join(options)}"
+    if "not in struct" in msg or "Could not override" in msg or "Key '" in msg and "not in" in msg:
+        key = msg.split("'")[1] if "'" in msg else msg
+        return f"unknown config key {key!r}: check the spelling (python -m finetune --cfg job lists every key)"
+    return msg
+
+
+def compose(overrides: list, return_hydra_config: bool = False) -> DictConfig:
     """The resolved config for these command-line overrides; a bad override is a UserError naming it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -58,29 +388,26 @@ def compose(overrides: list[str]) -> DictConfig:
     recipe = recipe_choice(overrides)
     if recipe not in recipe_names():
         raise UserError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())} (files in {RECIPES_DIR})")
-    _register_recipes()
+    register()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = hydra_compose("config", overrides=overrides)
+            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
     except Exception as e:  # hydra raises several types; the readable message may sit on a cause
-        msg = _first_message(e)
-        missing = re.search(r"Could not find '(\w+)/(\w+)'", msg)
-        if missing:
-            group, choice = missing.groups()
-            options = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(CONF_DIR, group))
-                             if f.endswith(".yaml")) if os.path.isdir(os.path.join(CONF_DIR, group)) else []
-            msg = f"{group}={choice} is not a known {group} config; choose one of {', '.join(options)}"
-        elif "not in struct" in msg or "Could not override" in msg:
-            key = msg.split("'")[1] if "'" in msg else msg
-            msg = f"unknown config key {key!r}: check the spelling (python -m finetune --cfg job lists every key)"
-        raise UserError(msg) from None
-    if cfg.run_name is None:
-        OmegaConf.set_struct(cfg, False)
-        cfg.run_name = recipe
-        OmegaConf.set_struct(cfg, True)
+        raise UserError(explain(e)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    if return_hydra_config:
+        return cfg
     try:
         OmegaConf.resolve(cfg)
     except Exception as e:
-        raise UserError(f"config does not resolve: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config does not resolve: {explain(e)}") from None
     return cfg
+
+
+def check(cfg: DictConfig) -> None:
+    """Build the groups' settings once: their own checks run before anything is loaded or written (the objective's
+    need the tokenizer for a mask token: `finetune.run.objective_settings`)."""
+    for key in ("model", "data", "lora", "train", "hardware", "eval", "export"):
+        settings(cfg[key])

@@ -20,46 +20,13 @@ import random
 from dataclasses import dataclass, field
 
 from finetune.canvas import Example, make_target
+from finetune.config import DataSettings
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-@dataclass
-class DataSettings:
-    train: str = "tiny:shift"  # tiny:<task>, a local file or directory, or a hub data set id
-    eval: str | None = "tiny:shift"  # same forms; null holds out eval_fraction of train
-    train_split: str = "train"
-    eval_split: str = "test"
-    subset: str | None = None  # hub data set config name
-    train_rows: int | None = None  # cap on rows read (tiny: rows generated)
-    eval_rows: int | None = 64
-    eval_fraction: float = 0.05
-    seed: int = 0
-    system_prompt: str | None = None
-    max_prompt_tokens: int = 1024
-    max_response_canvases: int = 4
-    overlong: str = "drop"  # drop | truncate
-    supervise: str = "last"  # last | all (every assistant turn)
-    thinking: bool = False
-    on_bad_row: str = "error"  # error | skip
-    text_prompt_fraction: float = 0.5
-    training_template: str = "auto"
-    columns: dict | None = None  # rename map: {their column: our column}
-
-    def __post_init__(self):
-        self.columns = dict(self.columns or {})
-        for key, allowed in (("overlong", ("drop", "truncate")), ("supervise", ("last", "all")),
-                             ("on_bad_row", ("error", "skip"))):
-            if getattr(self, key) not in allowed:
-                raise UserError(f"data.{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
-        if not 0.0 < self.text_prompt_fraction < 1.0:
-            raise UserError(f"data.text_prompt_fraction={self.text_prompt_fraction}: must be between 0 and 1")
-        if self.max_response_canvases < 1 or self.max_prompt_tokens < 1:
-            raise UserError("data.max_response_canvases and data.max_prompt_tokens must be at least 1")
 
 
 class BadRow(Exception):

@@ -21,10 +21,11 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+from finetune.config import EXPORT_DTYPES as DTYPES
+from finetune.config import EXPORT_FORMATS as FORMATS
+from finetune.config import ExportSettings
 from finetune.errors import UserError, run_cli
 
-FORMATS = ("adapter", "merged", "both")
-DTYPES = ("bfloat16", "float32", "float16")
 # Largest max-abs logit difference (logits are soft-capped at 30) accepted between the reloaded export and the
 # in-memory fine-tuned model, by the coarser precision of the two. float32 differs only by summation order
 # (x @ (W + BA) vs x @ W + x @ A @ B, ~1e-5 here). Half precisions round every weight: casting the trained tiny
@@ -56,36 +57,6 @@ USAGE = """usage: python -m finetune.export run_dir=PATH [format=adapter|merged|
                       goes to org/name-merged)
   device=auto         where the model runs for the merge and the check: auto | cpu | cuda
 """
-
-
-@dataclass
-class ExportSettings:
-    format: str = "adapter"  # adapter | merged | both | none (none: only at the end of a run)
-    dtype: str = "bfloat16"
-    verify: bool = True
-    untie: bool = False
-    max_shard_size: str = "5GB"
-    push_to_hub: str | None = None
-    device: str = "auto"
-    out: str | None = None
-
-    def validate(self, allow_none: bool = False):
-        formats = FORMATS + (("none",) if allow_none else ())
-        if self.format not in formats:
-            raise UserError(f"format={self.format!r}: use one of {', '.join(formats)}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"device={self.device!r}: use auto, cpu or cuda")
-        if self.push_to_hub is not None and str(self.push_to_hub).count("/") != 1:
-            raise UserError(f"push_to_hub={self.push_to_hub!r}: give a hub repo id such as my-org/my-model")
-        try:
-            from huggingface_hub import split_torch_state_dict_into_shards
-
-            split_torch_state_dict_into_shards({}, max_shard_size=str(self.max_shard_size))  # parses the size
-        except ValueError:
-            raise UserError(f"max_shard_size={self.max_shard_size!r}: give a size such as 5GB or 500MB") from None
-        return self
 
 
 # --- command line ------------------------------------------------------------------------------------------------

@@ -1,16 +1,20 @@
-"""Load the base model and tokenizer (hub id, local path, or the built-in tiny one) and attach LoRA."""
+"""Load the base model, tokenizer and a saved adapter (`load`: the one loader every command uses); attach LoRA.
+
+The built-in tiny base is a path like any other here: `finetune.pretrain` builds it.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
+from finetune.config import LoraSettings
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,7 +30,7 @@ STACKS = {
     "encoder": r"model\.encoder\.language_model\.layers\.\d+\.",
     "decoder": r"model\.decoder\.layers\.\d+\.",
 }
-PLACEMENTS = ("shared", "decoder", "separate")
+ENCODER_LAYERS, DECODER_LAYERS = ".encoder.language_model.layers.", ".decoder.layers."
 
 
 def resolve_device(name: str, key: str = "hardware.device") -> str:
@@ -99,20 +103,7 @@ def load_tokenizer(path: str):
     return tok
 
 
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    targets: str = "attn_mlp"  # a key of TARGET_PRESETS
-    placement: str = "shared"  # shared | decoder | separate (see lora/default.yaml)
-
-
 def target_regex(settings: LoraSettings) -> str:
-    if settings.targets not in TARGET_PRESETS:
-        raise UserError(f"lora.targets={settings.targets!r}: use one of {', '.join(TARGET_PRESETS)}")
-    if settings.placement not in PLACEMENTS:
-        raise UserError(f"lora.placement={settings.placement!r}: use one of {', '.join(PLACEMENTS)}")
     stacks = ["decoder"] if settings.placement == "decoder" else ["encoder", "decoder"]
     prefix = "(" + "|".join(STACKS[s] for s in stacks) + ")"
     return prefix + TARGET_PRESETS[settings.targets]
@@ -146,9 +137,9 @@ def tie_encoder_lora(peft_model) -> int:
     modules = dict(peft_model.named_modules())
     tied = 0
     for name, module in modules.items():
-        if not isinstance(module, LoraLayer) or ".encoder.language_model.layers." not in name:
+        if not isinstance(module, LoraLayer) or ENCODER_LAYERS not in name:
             continue
-        twin = modules.get(name.replace(".encoder.language_model.layers.", ".decoder.layers."))
+        twin = modules.get(name.replace(ENCODER_LAYERS, DECODER_LAYERS))
         if not isinstance(twin, LoraLayer):
             raise RuntimeError(f"encoder LoRA layer {name} has no decoder twin")
         for key in module.lora_A:
@@ -161,12 +152,77 @@ def tie_encoder_lora(peft_model) -> int:
     return tied
 
 
-def load_adapter(base, path: str, placement: str | None = None) -> PeftModel:
-    """Load a saved adapter onto a base model; re-tie shared encoder/decoder LoRA so training and use agree."""
-    model = PeftModel.from_pretrained(base, path)
-    if placement == "shared":
-        tie_encoder_lora(model)
-    return model
+def adapter_base(adapter: str) -> str:
+    """The base model a saved PEFT adapter belongs to, from its adapter_config.json (ours, or any stock peft one)."""
+    config_path = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isdir(adapter):
+        raise UserError(f"adapter={adapter!r} does not exist: give a PEFT adapter directory, e.g. outputs/<run>/adapter")
+    if not os.path.isfile(config_path):
+        raise UserError(f"adapter={adapter!r} holds no adapter_config.json: point it at a PEFT adapter directory")
+    try:
+        with open(config_path) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read {config_path}: {e}") from None
+    if not base:
+        raise UserError(f"{config_path} names no base_model_name_or_path: cannot tell which base to load")
+    if os.path.isabs(base) and not os.path.exists(base):
+        raise UserError(f"the adapter's base model {base} (adapter_config.json) no longer exists: rebuild it (the "
+                        "tiny base: run python -m finetune with the same FINETUNE_CACHE) or edit that path")
+    return base
+
+
+def _adapter_weights(adapter: str) -> dict:
+    from safetensors.torch import load_file
+
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    if os.path.isfile(path):
+        return load_file(path)
+    legacy = os.path.join(adapter, "adapter_model.bin")
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise UserError(f"adapter={adapter!r} holds no adapter_model.safetensors: point it at a saved PEFT adapter")
+
+
+def adapter_placement(adapter: str) -> str:
+    """Where a saved adapter's LoRA sits, read from its weights: ``shared`` (encoder and decoder modules with equal
+    values: ours, or any adapter whose two sides agree), ``separate`` (both, differing: e.g. Unsloth's
+    DiffusionTrainer), ``decoder`` or ``encoder`` (one side only: e.g. a denoiser-only adapter)."""
+    weights = _adapter_weights(adapter)
+    enc = {k: v for k, v in weights.items() if ENCODER_LAYERS in k}
+    dec = {k: v for k, v in weights.items() if DECODER_LAYERS in k}
+    if enc and not dec:
+        return "encoder"
+    if dec and not enc:
+        return "decoder"
+    if not enc:
+        raise UserError(f"adapter={adapter!r} adapts no DiffusionGemma text layer (no model.decoder.layers.* or "
+                        "model.encoder.language_model.layers.* weights): is it an adapter for this model?")
+    twins = {k.replace(ENCODER_LAYERS, DECODER_LAYERS): v for k, v in enc.items()}
+    same = twins.keys() == dec.keys() and all(torch.equal(v, dec[k]) for k, v in twins.items())
+    return "shared" if same else "separate"
+
+
+def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None, load_in_4bit: bool = False,
+         attn: str = "sdpa"):
+    """The one way to load a base model, optionally with a saved adapter, and the tokenizer that goes with them.
+
+    Every command uses it: training (no adapter), evaluation, export, the lm-eval model. ``path`` is a resolved
+    base (a local directory or a hub id). The tokenizer is the adapter's when it carries one (ours do), else the
+    base's. An adapter whose encoder and decoder LoRA are equal is re-tied (one set of matrices for both passes,
+    as `lora.placement=shared` trains it), which changes nothing in its outputs.
+    Returns (model, tokenizer, placement): placement is None without an adapter.
+    """
+    has_tokenizer = adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
+    tokenizer = load_tokenizer(adapter if has_tokenizer else path)
+    model = load_model(path, dtype_for(dtype, device), device, load_in_4bit, attn)
+    placement = None
+    if adapter:
+        placement = adapter_placement(adapter)
+        model = PeftModel.from_pretrained(model, adapter)
+        if placement == "shared":
+            tie_encoder_lora(model)
+    return model, tokenizer, placement
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -21,41 +21,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from finetune.canvas import decoder_masks, encoder_masks
-
-CORRUPTIONS = ("uniform", "mask")
-LOSS_ON = ("supervised", "corrupted")
-WEIGHTINGS = ("flat", "inverse_t")
-
-
-@dataclass
-class ObjectiveConfig:
-    """Settings of the diffusion loss. Defaults follow the model's own sampler and the NeMo/Google recipe."""
-
-    corruption: str = "uniform"  # uniform: random vocabulary tokens, as generate() starts from; mask: a mask token id
-    mask_token_id: int | None = None  # used only with corruption=mask
-    loss_on: str = "supervised"  # supervised: every canvas position (uniform noise hides which tokens are wrong)
-    weighting: str = "flat"  # flat: mean CE over counted tokens; inverse_t: CE/t summed, over supervised tokens
-    t_min: float = 1e-3  # t ~ U(t_min, 1) per example
-    self_conditioning_p: float = 0.5  # probability per example of a first no-grad pass feeding its logits back
-    encoder_ar_weight: float = 1.0  # weight of the next-token loss on the encoder's hidden states
-
-    def __post_init__(self):
-        for key, value, allowed in (
-            ("corruption", self.corruption, CORRUPTIONS),
-            ("loss_on", self.loss_on, LOSS_ON),
-            ("weighting", self.weighting, WEIGHTINGS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"objective.{key}={value!r} is not one of {', '.join(allowed)}")
-        if not 0.0 <= self.t_min < 1.0:
-            raise ValueError(f"objective.t_min={self.t_min} must be in [0, 1)")
-        if not 0.0 <= self.self_conditioning_p <= 1.0:
-            raise ValueError(f"objective.self_conditioning_p={self.self_conditioning_p} must be in [0, 1]")
-        if self.encoder_ar_weight < 0:
-            raise ValueError(f"objective.encoder_ar_weight={self.encoder_ar_weight} must be >= 0")
-        if self.corruption == "mask" and self.mask_token_id is None:
-            raise ValueError("objective.corruption=mask needs objective.mask_token_id (the tokenizer has no mask token)")
-
+from finetune.config import ObjectiveConfig
 
 @dataclass
 class LossOutput:

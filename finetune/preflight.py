@@ -65,10 +65,9 @@ def stats_lines(stats: Stats, canvas_length: int) -> list[str]:
     return lines
 
 
-def report(settings: DataSettings, tokenizer, canvas_length: int, examples_shown: int = 3):
-    """(text report, JSON-ready dict, loaded splits) for these data settings."""
-    splits = load_splits(settings, tokenizer, canvas_length)
-    _, train, train_stats, _, evals, eval_stats = splits
+def report(settings: DataSettings, train: list, train_stats: Stats, eval_stats: Stats, tokenizer, canvas_length: int,
+           examples_shown: int = 3) -> tuple[str, dict]:
+    """(text report, JSON-ready dict) for data already loaded (`finetune.data.load_splits`)."""
     lines = [f"preflight: data.train={settings.train} data.eval={settings.eval} canvas_length={canvas_length} "
              f"supervise={settings.supervise} thinking={settings.thinking} overlong={settings.overlong}", ""]
     lines += stats_lines(train_stats, canvas_length) + [""] + stats_lines(eval_stats, canvas_length) + [""]
@@ -78,7 +77,7 @@ def report(settings: DataSettings, tokenizer, canvas_length: int, examples_shown
     data = {"train": train_stats.summary(), "eval": eval_stats.summary(), "canvas_length": canvas_length,
             "histograms": {"prompt_tokens": train_stats.prompt_lengths, "response_tokens": train_stats.response_lengths,
                            "canvases": train_stats.canvases}}
-    return "\n".join(lines), data, splits
+    return "\n".join(lines), data
 
 
 def write(run_dir: str, text: str, data: dict):
@@ -108,27 +107,35 @@ def tokenizer_and_canvas(cfg):
     return load_tokenizer(path), canvas_length
 
 
+USAGE = """usage: python -m finetune.preflight [recipe=NAME] [key=value ...] [--cfg job|hydra|all]
+
+  recipe=NAME   a file in recipes/ (default: tiny); its tokenizer and data.* settings are used (no weights loaded)
+  key=value     any config key, e.g. data.train=my.jsonl data.eval=null data.supervise=all
+  output_dir=DIR  where preflight.txt and preflight.json go (default outputs/preflight-<run_name>-<time>)
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    from omegaconf import OmegaConf
+    from finetune.cli import command, show_config
+    from finetune.config import compose, settings
 
-    from finetune.config import compose
-    from finetune.errors import UserError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = compose(argv)
+    def body(overrides, cfg_mode):
+        if cfg_mode:
+            return show_config(overrides, cfg_mode)
+        cfg = compose(overrides)
+        data = settings(cfg.data)
         tokenizer, canvas_length = tokenizer_and_canvas(cfg)
-        settings = DataSettings(**OmegaConf.to_container(cfg.data))
-        text, data, _ = report(settings, tokenizer, canvas_length)
-        out = cfg.output_dir or os.path.join("outputs", f"preflight-{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        _, train, train_stats, _, _, eval_stats = load_splits(data, tokenizer, canvas_length)
+        text, report_data = report(data, train, train_stats, eval_stats, tokenizer, canvas_length)
+        explicit = any(o.startswith(("output_dir=", "+output_dir=")) for o in overrides)
+        out = cfg.output_dir if explicit else os.path.join("outputs", f"preflight-{cfg.run_name}-"
+                                                                       f"{time.strftime('%Y%m%d-%H%M%S')}")
         os.makedirs(out, exist_ok=True)
-        write(out, text, data)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(text)
-    print(f"\nwritten to {os.path.abspath(out)}/preflight.txt and preflight.json")
-    return 0
+        write(out, text, report_data)
+        print(text)
+        print(f"\nwritten to {os.path.abspath(out)}/preflight.txt and preflight.json")
+
+    return command(argv, USAGE, body)
 
 
 if __name__ == "__main__":

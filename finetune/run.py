@@ -1,4 +1,8 @@
-"""One fine-tuning run: config -> model + tokenizer -> data -> LoRA training -> evaluation -> saved adapter."""
+"""One fine-tuning run, the pipeline: config -> model + tokenizer -> data -> LoRA training -> evaluation -> export.
+
+The only module that imports every stage. Everything that can be checked is checked before anything is loaded or
+written (`check`); the run directory is Hydra's (`hydra.run.dir`, which follows `output_dir`).
+"""
 
 from __future__ import annotations
 
@@ -9,37 +13,30 @@ import shutil
 import time
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune import preflight
-from finetune.data import DataSettings, eval_prompts
+from finetune.config import check as check_settings
+from finetune.config import settings
+from finetune.data import eval_prompts, load_splits
 from finetune.errors import UserError
-from finetune.model import (
-    LoraSettings, attach_lora, count_parameters, dtype_for, load_model, load_tokenizer, resolve_device,
-    resolve_model_path, target_regex,
-)
+from finetune.model import attach_lora, count_parameters, load, resolve_device, resolve_model_path, target_regex
 from finetune.objective import ObjectiveConfig
+from finetune.pretrain import base_model_path
 from finetune.report import plot_loss, summary
-from finetune.train import TrainSettings, fit
+from finetune.train import fit
 
 log = logging.getLogger("finetune")
-
-
-def base_model_path(cfg: DictConfig) -> str:
-    if cfg.model.name_or_path == "tiny":
-        from finetune.tiny import TinyBaseSettings, ensure_base
-
-        return ensure_base(cfg.cache_dir, TinyBaseSettings(**cfg.model.tiny))
-    return resolve_model_path(cfg.model.name_or_path)
+HYDRA_FILES = {".hydra", "finetune.log"}  # what Hydra writes into a run directory before the run starts
 
 
 def objective_settings(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
     """Validated objective settings; without a tokenizer (an early check) a mask token id is not resolved yet."""
-    settings = dict(cfg.objective)
-    if settings["corruption"] == "mask" and settings["mask_token_id"] is None:
-        settings["mask_token_id"] = tokenizer.mask_token_id if tokenizer is not None else -1
+    values = OmegaConf.to_container(cfg.objective)
+    if values["corruption"] == "mask" and values["mask_token_id"] is None:
+        values["mask_token_id"] = tokenizer.mask_token_id if tokenizer is not None else -1
     try:
-        objective = ObjectiveConfig(**settings)
+        objective = ObjectiveConfig(**values)
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.lora.placement == "decoder" and objective.encoder_ar_weight > 0:
@@ -50,12 +47,31 @@ def objective_settings(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
     return objective
 
 
-def make_run_dir(cfg: DictConfig) -> str:
-    path = cfg.output_dir or os.path.join("outputs", f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(os.path.join(path, "adapter")):
-        raise UserError(f"output_dir {path} already holds an adapter: choose another output_dir (nothing overwritten)")
-    os.makedirs(path, exist_ok=True)
-    return os.path.abspath(path)
+def check(cfg: DictConfig, run_dir: str | None = None) -> None:
+    """Every check that needs no download, no model and no data: bad settings fail before anything is written."""
+    check_settings(cfg)
+    objective_settings(cfg)
+    target_regex(settings(cfg.lora))
+    settings(cfg.export).validate(allow_none=True)
+    if cfg.eval.enabled:  # a typo in eval.* must not wait for the end of training to show
+        from eval.compare import validate
+
+        validate(OmegaConf.to_container(cfg.eval))
+    if cfg.model.name_or_path != "tiny":
+        resolve_model_path(cfg.model.name_or_path)
+    run_dir = run_dir or cfg.output_dir
+    if run_dir and os.path.exists(os.path.join(run_dir, "adapter")):
+        raise UserError(f"output_dir {run_dir} already holds an adapter: choose another output_dir (nothing "
+                        "overwritten)")
+
+
+def remove_if_unused(run_dir: str) -> None:
+    """A run that failed before writing anything of its own leaves no directory behind (Hydra's files aside)."""
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= HYDRA_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        parent = os.path.dirname(run_dir)  # a multirun sweep directory left with only Hydra's multirun.yaml
+        if os.path.isdir(parent) and set(os.listdir(parent)) <= {"multirun.yaml"}:
+            shutil.rmtree(parent, ignore_errors=True)
 
 
 def save_adapter(peft_model, tokenizer, path: str):
@@ -68,43 +84,45 @@ def save_adapter(peft_model, tokenizer, path: str):
     os.replace(tmp, path)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
+    """Train, evaluate and export one run into ``run_dir`` (default: cfg.output_dir)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.time()
+    OmegaConf.resolve(cfg)
+    run_dir = os.path.abspath(run_dir or cfg.output_dir)
+    with open_dict(cfg):
+        cfg.output_dir = run_dir
+    check(cfg, run_dir)
     device = resolve_device(cfg.hardware.device)
     torch.manual_seed(cfg.seed)
-    objective_settings(cfg)  # settings errors before any download or pre-training
-    data_settings = DataSettings(**OmegaConf.to_container(cfg.data))
-    target_regex(LoraSettings(**cfg.lora))
-    if cfg.eval.enabled:  # a typo in eval.* must not wait for the end of training to show
-        from eval.compare import validate
+    data_settings = settings(cfg.data)
 
-        validate(OmegaConf.to_container(cfg.eval))
-    path = base_model_path(cfg)  # first: a wrong model path fails before anything is written
-    run_dir = make_run_dir(cfg)
-    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
-    print(f"run directory: {run_dir}")
-
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype_for(cfg.model.dtype, device), device, cfg.model.load_in_4bit,
-                       cfg.model.attn_implementation)
+    path = base_model_path(settings(cfg.model), cfg.cache_dir)
+    model, tokenizer, _ = load(path, device, cfg.model.dtype, load_in_4bit=cfg.model.load_in_4bit,
+                               attn=cfg.model.attn_implementation)
     canvas_length = model.config.canvas_length
     objective = objective_settings(cfg, tokenizer)
-
-    text, preflight_data, splits = preflight.report(data_settings, tokenizer, canvas_length)
-    preflight.write(run_dir, text, preflight_data)
+    splits = load_splits(data_settings, tokenizer, canvas_length)
     train_rows, train_ex, train_stats, eval_rows, eval_ex, eval_stats = splits
+
+    # Nothing is written before here: a run that cannot start leaves no directory (see finetune.__main__).
+    os.makedirs(run_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
+    print(f"run directory: {run_dir}")
+    text, preflight_data = preflight.report(data_settings, train_ex, train_stats, eval_stats, tokenizer, canvas_length)
+    preflight.write(run_dir, text, preflight_data)
     print(f"data: train {train_stats.kept}/{train_stats.read} rows kept ({train_stats.targets} turns), "
           f"eval {eval_stats.kept}/{eval_stats.read} (details: {run_dir}/preflight.txt)")
 
-    peft_model = attach_lora(model, LoraSettings(**cfg.lora))
+    peft_model = attach_lora(model, settings(cfg.lora))
     trainable, total = count_parameters(peft_model)
     print(f"model: {path} | canvas {canvas_length} | LoRA trainable {trainable:,} of {total:,} parameters")
 
-    train_settings = TrainSettings(**cfg.train)
+    train_settings = settings(cfg.train)
     t0 = time.time()
     trainer = fit(peft_model, train_ex, train_settings, objective, canvas_length, tokenizer.pad_token_id,
-                  os.path.join(run_dir, "checkpoints"), bf16=cfg.hardware.bf16, use_cpu=device == "cpu")
+                  os.path.join(run_dir, "checkpoints"), bf16=cfg.hardware.bf16, use_cpu=device == "cpu",
+                  log_dir=os.path.join(run_dir, "tensorboard"))
     train_seconds = time.time() - t0
     save_adapter(peft_model, tokenizer, os.path.join(run_dir, "adapter"))
 

@@ -1,7 +1,7 @@
-"""The built-in tiny DiffusionGemma: a small config of the real class, a character tokenizer built locally,
-the generated string tasks, and the short full pre-training that gives LoRA a base worth adapting.
+"""The built-in tiny DiffusionGemma: a small config of the real class, a character tokenizer built locally, the
+generated string tasks, and where its pre-trained base is cached. Pre-training it is `finetune.pretrain`.
 
-Nothing here downloads anything.
+Nothing here downloads anything, and nothing here trains.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import json
 import os
 import random
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import DiffusionGemmaConfig, PreTrainedTokenizerFast
+
+from finetune.config import TinyBaseSettings
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<boi>", "<eoi>", "<image>"]
 # The markup tokens of DiffusionGemma's (Gemma 4's) chat template, so the real template renders as-is.
@@ -134,17 +136,6 @@ def pretrain_rows(n: int, seed: int) -> list[dict]:
 BASE_VERSION = 2  # bump when the tiny base recipe changes, so caches are rebuilt
 
 
-@dataclass
-class TinyBaseSettings:
-    size: str = "small"
-    canvas_length: int = 8
-    steps: int = 600
-    batch_size: int = 16
-    lr: float = 1e-3
-    rows: int = 6000
-    seed: int = 0
-
-
 def base_dir(cache_dir: str, settings: TinyBaseSettings) -> str:
     key = json.dumps({"v": BASE_VERSION, **asdict(settings)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -160,51 +151,3 @@ def generation_config(tokenizer, canvas_length: int):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-
-
-def ensure_base(cache_dir: str, settings: TinyBaseSettings | None = None, log=print) -> str:
-    """Path of the pre-trained tiny base, training and caching it on first use (about a minute on 2 CPU cores).
-
-    A random tiny model cannot be LoRA-tuned into anything (the frozen tied head caps its logits), so the base is
-    first fully trained on generic string tasks (copy, upper, double); the fine-tuning task (shift) is new to it.
-    Written to a temporary directory and renamed, so an interrupted run never leaves a half-written base.
-    """
-    import tempfile
-
-    import torch
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    from finetune.data import DataSettings, build_examples
-    from finetune.objective import ObjectiveConfig
-    from finetune.train import TrainSettings, fit
-
-    settings = settings or TinyBaseSettings()
-    path = base_dir(cache_dir, settings)
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    log(f"Pre-training the tiny base once ({settings.steps} steps); cached at {path}")
-    tokenizer = build_tokenizer()
-    config = build_config(tokenizer, settings.size, settings.canvas_length)
-    torch.manual_seed(settings.seed)
-    model = DiffusionGemmaForBlockDiffusion(config)
-    examples, _ = build_examples(
-        pretrain_rows(settings.rows, settings.seed), tokenizer, DataSettings(), settings.canvas_length, "tiny base"
-    )
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(path), prefix=".tmp-tiny-base-") as tmp:
-        train = TrainSettings(
-            max_steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, warmup_steps=50,
-            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, logging_steps=100, seed=settings.seed,
-        )
-        fit(model, examples, train, ObjectiveConfig(), settings.canvas_length, tokenizer.pad_token_id,
-            os.path.join(tmp, "trainer"))
-        out = os.path.join(tmp, "base")
-        model.generation_config = generation_config(tokenizer, settings.canvas_length)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        try:
-            os.rename(out, path)
-        except OSError:
-            if not os.path.isfile(os.path.join(path, "model.safetensors")):  # another process won the race
-                raise
-    return path

@@ -7,36 +7,16 @@ and resume; stock `SFTTrainer` cannot be used because the model's logits cover o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
 
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from finetune.canvas import Example, collate
+from finetune.config import TrainSettings
 from finetune.objective import ObjectiveConfig, diffusion_loss
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainSettings:
-    max_steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1.5e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 25
-    weight_decay: float = 1e-4
-    adam_beta1: float = 0.95
-    adam_beta2: float = 0.99
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    save_steps: int = 0  # 0: no intermediate checkpoints
-    save_total_limit: int = 2
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    resume_from_checkpoint: str | None = None
-    disable_tqdm: bool = False
 
 
 class ExampleDataset(Dataset):
@@ -104,7 +84,7 @@ def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use
         data_seed=settings.seed,
         bf16=bf16,
         use_cpu=use_cpu,
-        report_to=[],
+        report_to=[name for name in settings.report_to_list() if name != "tensorboard"],  # ours: see fit()
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=settings.disable_tqdm,
@@ -113,8 +93,19 @@ def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use
 
 
 def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, canvas_length: int, pad_id: int,
-        output_dir: str, bf16: bool = False, use_cpu: bool = True, callbacks=None) -> DiffusionTrainer:
-    """Train ``model`` in place on ``examples``; returns the trainer (its state holds the log history)."""
+        output_dir: str, bf16: bool = False, use_cpu: bool = True, callbacks=None,
+        log_dir: str | None = None) -> DiffusionTrainer:
+    """Train ``model`` in place on ``examples``; returns the trainer (its state holds the log history).
+
+    With train.report_to naming tensorboard, the loss, its two parts, the learning rate and the grad norm go live
+    to ``log_dir`` (the run directory's tensorboard/, not Trainer's default checkpoints/runs/<time>_<host>).
+    """
+    callbacks = list(callbacks or [])
+    if "tensorboard" in settings.report_to_list():
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=log_dir or os.path.join(output_dir, "tensorboard"))))
     trainer = DiffusionTrainer(
         model=model,
         args=training_arguments(settings, output_dir, bf16, use_cpu),

@@ -25,7 +25,7 @@ def run_cli(*args, env_extra=None, timeout=120):
         (["model=nope"], "model=nope is not a known model config; choose one of diffusiongemma_26b, tiny"),
         (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model' does not exist"),
         (["model.name_or_path=./missing-dir"], "model.name_or_path='./missing-dir' does not exist"),
-        (["--cfg", "nope"], "--cfg takes 'job'"),
+        (["--cfg", "nope"], "--cfg takes job, hydra, all"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_no_traceback(args, expected, tmp_path):

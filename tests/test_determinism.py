@@ -26,7 +26,8 @@ class Interrupt(TrainerCallback):
 def train(tokenizer, out, max_steps, save_steps=0, resume=None, seed=0, stop_after=None):
     model = attach_lora(make_model(tokenizer, seed=0, init=0.02), LoraSettings(r=4, alpha=8))
     examples, _ = build_examples(task_rows("shift", 40, 0), tokenizer, DataSettings(), 8, "d")
-    settings = TrainSettings(max_steps=max_steps, batch_size=4, lr=1e-2, warmup_steps=0, logging_steps=1,
+    settings = TrainSettings(max_steps=max_steps, batch_size=4, grad_accum=1, lr=1e-2, warmup_steps=0, logging_steps=1,
+                             report_to="none",
                              save_steps=save_steps, seed=seed, disable_tqdm=True, resume_from_checkpoint=resume)
     callbacks = [Interrupt(stop_after)] if stop_after else None
     trainer = fit(model, examples, settings, ObjectiveConfig(), 8, tokenizer.pad_token_id, str(out),
