@@ -345,22 +345,27 @@ def recipe_choice(overrides: list) -> str:
 
 
 def _first_message(e: BaseException) -> str:
-    """The first line of the most useful message in an exception chain ("Error merging override k=v" says where,
-    its cause says what), with the key OmegaConf names."""
-    lines = []
+    """One line from an exception chain: where (the override, or the config file) and what, with the key."""
+    chain = []
     while e is not None:
         text = str(e).strip()
         if text:
-            lines.append(text.splitlines())
+            chain.append(text.splitlines())
         e = e.__cause__ or e.__context__
-    if not lines:
+    if not chain:
         return "invalid configuration"
-    first = lines[0][0]
-    where = re.match(r"Error merging override (\S+)", first)
-    if where and len(lines) > 1:
-        return f"{where.group(1)}: {lines[1][0]}"
-    key = next((line.split(":", 1)[1].strip() for line in lines[0] if line.strip().startswith("full_key:")), "")
-    return f"{key}: {first}" if key and key not in first else first
+    lines = chain[0]
+    key = next((line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("full_key:")), "")
+    override = re.match(r"Error merging override (\S+)", lines[0])
+    in_file = re.match(r"In '([^']+)': \w+ raised while composing config:", lines[0])
+    if override and len(chain) > 1:
+        return f"{override.group(1)}: {chain[1][0]}"
+    if in_file and len(lines) > 1:
+        group, name = in_file.group(1).rpartition("/")[::2]
+        where = os.path.join(RECIPES_DIR, f"{name}.yaml") if group == "recipe" else \
+            os.path.join(CONF_DIR, f"{in_file.group(1)}.yaml")
+        return f"{where}: {key + ': ' if key else ''}{lines[1].strip()}"
+    return f"{key}: {lines[0]}" if key and key not in lines[0] else lines[0]
 
 
 def explain(e: BaseException) -> str:

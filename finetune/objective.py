@@ -61,7 +61,7 @@ def encode(model, input_ids: torch.Tensor):
     out = model.model.encoder(
         input_ids=input_ids,
         attention_mask=encoder_masks(length, sliding, input_ids.device),
-        past_key_values=cache,
+        cache=cache,
         position_ids=positions,
     )
     return out.last_hidden_state, cache
@@ -82,7 +82,7 @@ def decode(model, canvas, cache, canvas_starts, self_conditioning_logits=None, s
     positions = (canvas_starts[:, :, None] + offsets).flatten(1)
     return model.model.decoder(
         decoder_input_ids=canvas,
-        past_key_values=cache,
+        cache=cache,
         self_conditioning_logits=self_conditioning_logits,
         self_conditioning_mask=self_conditioning_mask,
         decoder_attention_mask=masks,

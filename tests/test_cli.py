@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +47,7 @@ def test_model_dir_without_config_is_refused(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["chat_spark", "chat_rtx", "tiny"])
 def test_cfg_job_prints_the_resolved_config_offline(recipe):
-    import yaml
+
 
     result = run_cli(f"recipe={recipe}", "--cfg", "job")
     assert result.returncode == 0, result.stderr
@@ -64,7 +65,7 @@ def test_cfg_job_prints_the_resolved_config_offline(recipe):
 
 
 def test_overrides_reach_the_config():
-    import yaml
+
 
     result = run_cli("recipe=chat_spark", "data.train=/data/mine.jsonl", "lora.r=8", "objective=axolotl",
                      "--cfg", "job")
@@ -95,3 +96,108 @@ def test_invalid_settings_fail_before_any_work(tmp_path, args, expected):
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path):
+    """The hub cannot be reached here: the tokenizer error is one line and outputs/ stays empty (Hydra creates the
+    run directory before the job starts; the job removes it when it wrote nothing of its own)."""
+    result = subprocess.run([sys.executable, "-m", "finetune", "recipe=chat_spark", "hardware=cpu"], cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "could not load the tokenizer" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists() or not os.listdir(tmp_path / "outputs"), os.listdir(tmp_path / "outputs")
+
+
+def test_a_wrong_type_in_a_recipe_file_names_the_key(tmp_path):
+    (tmp_path / "mine.yaml").write_text("# python -m finetune recipe=mine\ntrain:\n  max_steps: lots\n")
+    result = run_cli("recipe=mine", "--cfg", "job", env_extra={"FINETUNE_RECIPES": str(tmp_path)})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "train.max_steps" in lines[0] and "'lots'" in lines[0], result.stderr
+
+
+def test_hydra_flags_work(tmp_path):
+    info = run_cli("--info", "defaults")
+    assert info.returncode == 0 and "recipe/tiny" in info.stdout, info.stderr[-1000:]
+    hydra_cfg = run_cli("--cfg", "hydra")
+    assert hydra_cfg.returncode == 0 and "sweep:" in hydra_cfg.stdout and "multirun/" in hydra_cfg.stdout
+    usage = run_cli("--help")
+    assert usage.returncode == 0 and "-m key=a,b" in usage.stdout and "recipe: chat_rtx, chat_spark, tiny" in usage.stdout
+    # tab completion: `eval "$(finetune -sc install=bash)"` makes bash ask the installed command for candidates
+    app = os.path.join(os.path.dirname(sys.executable), "finetune")
+    completion = subprocess.run([app, "-sc", "query=bash"], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "COMP_LINE": "finetune train.max_s", "COMP_POINT": "21"})
+    assert completion.returncode == 0 and "train.max_steps=" in completion.stdout, completion.stderr[-500:]
+
+
+def test_every_default_lives_once():
+    """The schema (finetune/config.py) holds the defaults: a group file or recipe that restates one is a second
+    truth that will drift (TrainSettings and conf/train/default.yaml once disagreed on steps, batch and
+    accumulation)."""
+    import glob
+
+    from omegaconf import OmegaConf
+
+    from finetune.config import Config
+
+    schema = OmegaConf.structured(Config)
+    restated = []
+
+    def walk(node, schema_node, where):
+        for key, value in node.items():
+            if key in ("defaults", "hydra") or schema_node is None or key not in schema_node:
+                continue
+            default = schema_node[key] if not OmegaConf.is_config(schema_node[key]) else schema_node[key]
+            if OmegaConf.is_dict(value) and OmegaConf.is_dict(default):
+                walk(value, default, f"{where}{key}.")
+            elif not OmegaConf.is_config(value) and not OmegaConf.is_config(default) and value == default:
+                restated.append(f"{where}{key}={value}")
+
+    conf = os.path.join(ROOT, "finetune", "conf")
+    for path in glob.glob(os.path.join(conf, "*", "*.yaml")):
+        group = os.path.basename(os.path.dirname(path))
+        node = OmegaConf.load(path) or OmegaConf.create()
+        walk(node, schema[group], f"{os.path.relpath(path, ROOT)}: {group}.")
+    chosen = {k: v for d in OmegaConf.load(os.path.join(conf, "config.yaml")).defaults if isinstance(d, dict)
+              for k, v in d.items()}
+    for path in glob.glob(os.path.join(ROOT, "recipes", "*.yaml")):
+        recipe = OmegaConf.load(path)
+        groups = dict(chosen)  # what the recipe is applied over: the schema with its group choices merged in
+        for entry in recipe.get("defaults", []):
+            groups.update({k.replace("override /", ""): v for k, v in entry.items()})
+        under = OmegaConf.structured(Config)
+        for group, name in groups.items():
+            if group != "recipe":
+                under[group] = OmegaConf.merge(under[group], OmegaConf.load(os.path.join(conf, group, f"{name}.yaml"))
+                                               or {})
+        walk(recipe, under, f"{os.path.relpath(path, ROOT)}: ")
+    assert not restated, restated
+
+
+@pytest.mark.slow
+def test_multirun_and_run_dir(default_run, tmp_path):
+    """`-m` runs one job per value into its own directory; hydra.run.dir places a single run (the tiny base comes
+    from the end-to-end fixture's cache)."""
+    import json
+
+    _, env, _ = default_run
+    sweep = tmp_path / "sweep"
+    common = ["eval.enabled=false", "export.format=none", "train.logging_steps=1", "data.train_rows=64"]
+    result = subprocess.run([sys.executable, "-m", "finetune", "-m", "train.max_steps=2,3", *common,
+                             f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, steps in (("0", 2), ("1", 3)):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["training"]["steps"] == steps
+        assert (sweep / job / "adapter" / "adapter_config.json").is_file()
+        assert (sweep / job / ".hydra" / "overrides.yaml").is_file()
+    assert (sweep / "multirun.yaml").is_file()
+
+    placed = tmp_path / "placed"
+    result = subprocess.run([sys.executable, "-m", "finetune", "train.max_steps=1", *common,
+                             f"hydra.run.dir={placed}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (placed / "adapter" / "adapter_config.json").is_file() and not (tmp_path / "outputs").exists()
+    assert yaml.safe_load((placed / "config.yaml").read_text())["output_dir"] == str(placed)

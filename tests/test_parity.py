@@ -83,7 +83,7 @@ def test_projection_matches_model_forward(tiny_model, tokenizer):
         _, cache = encode(model, batch["input_ids"][:, : int(batch["target_start"][0])])
         canvas = batch["target_tokens"][:, :C]
         ours = project(model, decode(model, canvas, cache, batch["target_start"]))
-        theirs = model(past_key_values=cache, decoder_input_ids=canvas).logits
+        theirs = model(cache=cache, decoder_input_ids=canvas).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
@@ -111,3 +111,15 @@ def test_sliding_window_is_respected(tiny_model, tokenizer):
         finally:
             obj.decoder_masks = original
     assert (wrong[0] - ref).abs().max() > 1e-3
+
+
+def test_training_forward_uses_the_current_argument_names(tiny_model, tokenizer):
+    """transformers 5.24 renamed past_key_values= to cache= and warns on every call with the old name."""
+    import warnings
+
+    batch = collate([fill_response([2, 10, 11], [12, 13, 14], 8, tokenizer.eos_token_id)], tokenizer.pad_token_id)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, cache = encode(tiny_model, batch["input_ids"])
+        decode(tiny_model, batch["target_tokens"], cache, batch["target_start"])
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
