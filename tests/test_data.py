@@ -158,9 +158,18 @@ def test_thinking_mode_renders_the_flag_and_supervises_the_reasoning(tokenizer):
     assert stats.thinking_stripped == 1
 
 
+OLD_THEN_NEW = [{"role": "user", "content": "old " * 30}, {"role": "assistant", "content": "seen"},
+                {"role": "user", "content": "newest question"}, {"role": "assistant", "content": "ok"}]
+
+
+def generation_prompt_ids(tokenizer, messages):
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def test_overlong_rows_are_dropped_or_truncated_and_counted(tokenizer):
     long_answer = {"prompt": "q", "completion": "x" * 40}  # 40 + 2 tokens + EOS: 6 canvases of 8
-    long_prompt = {"prompt": "p" * 100, "completion": "ok"}
+    long_prompt = {"messages": OLD_THEN_NEW}  # 171 prompt tokens, the oldest 120 of them one long user turn
     ok = {"prompt": "q", "completion": "fine"}
     examples, stats = build([long_answer, long_prompt, ok], tokenizer, max_response_canvases=2,
                             max_prompt_tokens=50)
@@ -174,7 +183,25 @@ def test_overlong_rows_are_dropped_or_truncated_and_counted(tokenizer):
     assert cut.num_canvases == 2 and cut.response_len == 16 and cut.tokens == cut.tokens[:16]  # no EOS: cut, not ended
     assert tokenizer.eos_token_id not in cut.tokens
     short = examples[1]
-    assert short.targets[0].start == 50 and short.input_ids[0] == tokenizer.bos_token_id
+    full = generation_prompt_ids(tokenizer, OLD_THEN_NEW[:-1])
+    kept = short.input_ids[: short.targets[0].start]
+    assert len(full) > 50 and len(kept) == 50
+    # The oldest context is what goes: BOS, then the newest 49 tokens, ending with the last user turn and the model's
+    # turn opener; keeping the head (or dropping BOS) would give other tokens here.
+    assert kept == full[:1] + full[-49:]
+    assert kept[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(kept).endswith("newest question<turn|>\n<|turn>model\n")
+    assert decode_targets(tokenizer, short) == ["ok<turn|>\n"]
+
+
+def test_truncate_drops_a_turn_whose_context_was_cut_away(tokenizer):
+    messages = OLD_THEN_NEW[:2] + [{"role": "user", "content": "recent " * 10 + "question"}, OLD_THEN_NEW[3]]
+    examples, stats = build([{"messages": messages}], tokenizer, supervise="all", max_prompt_tokens=50,
+                            overlong="truncate")
+    assert decode_targets(tokenizer, examples[0]) == ["ok<turn|>\n"]  # "seen" started inside the cut
+    assert stats.targets_dropped == {"turn's context truncated away (data.overlong=truncate)": 1}
+    full = generation_prompt_ids(tokenizer, messages[:-1])
+    assert examples[0].input_ids[: examples[0].targets[0].start] == full[:1] + full[-49:]
 
 
 def test_skip_policy_counts_bad_rows_and_names_the_first(tmp_path, tokenizer):
