@@ -39,12 +39,14 @@ def check(argv: list) -> int:
     """Compose and check every job this command line would start; 0, or 2 after a one-line error."""
     from finetune.cli import HYDRA_ANSWERS, hydra_flags, jobs, take_cfg
     from finetune.config import compose
-    from finetune.errors import run_cli
+    from finetune.errors import UserError, run_cli
 
     def body():
         args = list(argv)
-        take_cfg(args)  # a bad --cfg value is our one-line error, not argparse's usage block
+        cfg_mode = take_cfg(args)  # a bad --cfg value is our one-line error, not argparse's usage block
         overrides, multirun = hydra_flags(args)
+        if cfg_mode and multirun:
+            raise UserError("give -m (run a sweep) or --cfg (print the config), not both")
         from omegaconf import OmegaConf, open_dict
 
         from finetune.run import check as check_run
