@@ -46,6 +46,17 @@ def randomise_lora(model, seed=0, scale=0.1):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+def copy_decoder_lora_to_encoder(peft_model):
+    """Separately wrapped encoder/decoder LoRA made equal: what a shared adapter looks like to stock peft."""
+    modules = dict(peft_model.named_modules())
+    with torch.no_grad():
+        for name, m in modules.items():
+            if ".encoder.language_model.layers." in name and hasattr(m, "lora_A"):
+                twin = modules[name.replace(".encoder.language_model.layers.", ".decoder.layers.")]
+                m.lora_A["default"].weight.copy_(twin.lora_A["default"].weight)
+                m.lora_B["default"].weight.copy_(twin.lora_B["default"].weight)
+
+
 def logits(model, ids, canvas):
     with torch.no_grad():
         return model(input_ids=ids, decoder_input_ids=canvas).logits
@@ -86,13 +97,7 @@ def make_run(path, tokenizer, base_dir, placement="shared", seed=0, equal_separa
     peft_model = attach_lora(model, LoraSettings(**cfg.lora)).eval()
     randomise_lora(peft_model, seed)
     if equal_separate:  # separately trained matrices that happen to agree: mergeable into the tied layout
-        modules = dict(peft_model.named_modules())
-        with torch.no_grad():
-            for name, m in modules.items():
-                if ".encoder.language_model.layers." in name and hasattr(m, "lora_A"):
-                    twin = modules[name.replace(".encoder.language_model.layers.", ".decoder.layers.")]
-                    m.lora_A["default"].weight.copy_(twin.lora_A["default"].weight)
-                    m.lora_B["default"].weight.copy_(twin.lora_B["default"].weight)
+        copy_decoder_lora_to_encoder(peft_model)
     os.makedirs(path)
     OmegaConf.save(cfg, os.path.join(path, "config.yaml"))
     with open(os.path.join(path, "metrics.json"), "w") as f:
@@ -602,13 +607,7 @@ def stock_adapters(tmp_path_factory, base_dir):
                                LoraConfig(r=4, lora_alpha=8, target_modules=regex)).eval()
         randomise_lora(model, seed)
         if placement == "shared":
-            modules = dict(model.named_modules())
-            with torch.no_grad():
-                for name, m in modules.items():
-                    if ".encoder.language_model.layers." in name and hasattr(m, "lora_A"):
-                        twin = modules[name.replace(".encoder.language_model.layers.", ".decoder.layers.")]
-                        m.lora_A["default"].weight.copy_(twin.lora_A["default"].weight)
-                        m.lora_B["default"].weight.copy_(twin.lora_B["default"].weight)
+            copy_decoder_lora_to_encoder(model)
         path = root / placement
         model.save_pretrained(path)
         reloaded = PeftModel.from_pretrained(DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir), path).eval()
