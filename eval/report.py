@@ -117,9 +117,11 @@ def _fmt(value, kind: str = "f") -> str:
 def _limit(tokens: dict) -> str:
     """Where the answers' length limit came from, in words."""
     needed = tokens.get("reference_canvases")
-    canvases = f"{tokens['canvases']} canvas" + ("" if tokens["canvases"] == 1 else "es")
-    return (f"max_new_tokens {tokens['max_new_tokens']} ({canvases}, from {tokens['sized_from']}; "
-            f"longest reference: {needed if needed is not None else '?'} canvases)")
+    def canvases(n):
+        return "? canvases" if n is None else f"{n} canvas" + ("" if n == 1 else "es")
+
+    return (f"max_new_tokens {tokens['max_new_tokens']} ({canvases(tokens['canvases'])}, from {tokens['sized_from']}; "
+            f"longest reference: {canvases(needed)})")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
