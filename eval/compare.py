@@ -9,10 +9,11 @@ import time
 from dataclasses import asdict, replace
 
 from eval.adapter_check import adapter_check, changed_fraction
-from eval.generation import Generation, GenerationSettings, generate, generation_kwargs, speed_summary
+from eval.generation import Generation, GenerationSettings, generate, generation_kwargs, sized, speed_summary
 from eval.loss import heldout_loss
 from eval.scorers import exact_match, resolve_scorer, score_all
 from eval.sets import EvalSet, benchmark_set, heldout_set
+from finetune.config import DataSettings
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ DEFINITIONS = {
                         "(at most max_denoising_steps)",
     "tokens_per_second": "generated tokens / wall time of the batched generate() calls (throughput at batch_size)",
     "finished_fraction": "examples whose answer ended (end-of-sequence) within max_new_tokens",
+    "answers_cut": "examples whose answer did not end within max_new_tokens (1 - finished_fraction): their score is "
+                   "of a cut answer",
+    "max_new_tokens": "eval.generation.max_new_tokens when set; null: the longest reference's canvases plus one, "
+                      "within data.max_response_canvases (each set sized from its own references)",
+    "verdict": "better / worse when the paired change of the first scorer exceeds max(eval.regression_tolerance, "
+               "2 paired standard errors); otherwise not shown (ties, 0% vs 0% included)",
     "changed_generations_fraction": "examples whose adapter output differs from the base output, same prompt and "
                                     "same starting noise",
 }
@@ -91,6 +98,7 @@ def _score_side(eval_set: EvalSet, gens: list[Generation], gen: GenerationSettin
         "scores": scores,
         # always present: the end-of-run summary and older metrics.json readers use it
         "exact_match": sum(exact_match(t, r) for t, r in zip(texts, eval_set.references)) / max(len(texts), 1),
+        "answers_cut": 1.0 - speed["finished_fraction"] if gens else 0.0,  # did not end within max_new_tokens
         "tokens_per_forward": speed["tokens_per_forward"],
         "speed": speed,
     }
@@ -163,21 +171,64 @@ def paired_delta(generations: list[dict], scorer: str) -> tuple[float, float]:
     return mean, (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
 
 
+def outcome(delta: float, delta_se: float, examples: int, tolerance: float) -> str:
+    """The one verdict on a task score: "better" or "worse" when the paired change is larger than its noise
+    (max(tolerance, 2 paired standard errors)), else "not shown": a tie, 0% vs 0% included, is no evidence
+    either way. One example has no measurable noise, so it shows nothing."""
+    if examples < 2:
+        return "not shown"
+    noise = max(tolerance, 2 * delta_se)
+    return "better" if delta > noise else "worse" if -delta > noise else "not shown"
+
+
+def _canvases(n) -> str:
+    return f"{n} canvas" if n == 1 else f"{n} canvases"
+
+
+def cut_caveats(block: dict, tokens: dict, where: str) -> list[str]:
+    """The answers-cut caveat of a set: a score of answers cut at max_new_tokens says little about the task."""
+    sides = [s for s in SIDES if s in block]
+    limit, canvases, needed = tokens.get("max_new_tokens"), tokens.get("canvases"), tokens.get("reference_canvases")
+    too_small = bool(limit and needed and limit < tokens["reference_tokens"])
+    out = []
+    cut = {s: block[s]["answers_cut"] for s in sides}
+    if any(v > 0 for v in cut.values()):
+        who = " and ".join(f"{v:.0%} of {s}" for s, v in cut.items())
+        why = (f"the longest reference needs {_canvases(needed)}, so raise eval.generation.max_new_tokens (null sizes "
+               "it from the references)") if too_small else \
+            "the references fit, so these answers ran on without ending"
+        out.append(f"answers cut ({where}): {who} answers did not end within max_new_tokens={limit} "
+                   f"({_canvases(canvases)}, from {tokens['sized_from']}); their scores are of cut answers: {why}")
+    elif too_small:
+        out.append(f"max_new_tokens={limit} ({where}) is shorter than the longest reference ({_canvases(needed)}): "
+                   "an answer that long cannot be produced; raise eval.generation.max_new_tokens")
+    return out
+
+
 def verdict(report: dict, tolerance: float, speed_tolerance: float) -> dict:
-    """Answers to the three questions, from numbers already in the report. A score drop counts as a regression
-    when it is larger than the tolerance and than two standard errors of the paired difference."""
+    """The one verdict of an evaluation (the end-of-run summary, the console and report.md all print this):
+    ``task`` is better / worse / not shown on the first scorer (see `outcome`); the held-out loss change is
+    stated as a loss change, never as a win; ``caveats`` say when the scores are of cut answers; a benchmark drop
+    counts as a regression when it is larger than the tolerance and than two paired standard errors."""
+    caveats = cut_caveats(report, report.get("max_new_tokens") or {}, "held-out")
+    bench = report.get("benchmark")
+    if bench:
+        caveats += cut_caveats(bench, bench.get("max_new_tokens") or {}, f"benchmark {bench['name']}")
     if "adapter" not in report:
-        return {}
+        return {"caveats": caveats}
     b, a = report["base"], report["adapter"]
-    better = a["score"] > b["score"] or (
-        a["score"] == b["score"] and a.get("heldout_loss_mean", 0) < b.get("heldout_loss_mean", 0))
-    delta, delta_se = paired_delta(report["generations"], report["scorers"][0])
+    scorer = report["scorers"][0]
+    delta, delta_se = paired_delta(report["generations"], scorer)
+    task = outcome(delta, delta_se, len(report["generations"]), tolerance)
+    loss = None
+    if "heldout_loss_mean" in b and "heldout_loss_mean" in a:
+        loss = {"base": b["heldout_loss_mean"], "adapter": a["heldout_loss_mean"],
+                "change": a["heldout_loss_mean"] - b["heldout_loss_mean"]}
     speed_ratio = a["tokens_per_forward"] / b["tokens_per_forward"] if b["tokens_per_forward"] else None
     broke = []
     if a["speed"]["finished_fraction"] < b["speed"]["finished_fraction"] - tolerance:
         broke.append(f"fewer held-out answers end within max_new_tokens ({b['speed']['finished_fraction']:.0%} -> "
                      f"{a['speed']['finished_fraction']:.0%})")
-    bench = report.get("benchmark")
     if bench:
         bb, ba = bench["base"], bench["adapter"]
         bench_delta, bench_se = paired_delta(bench["generations"], bench["scorers"][0])
@@ -187,9 +238,16 @@ def verdict(report: dict, tolerance: float, speed_tolerance: float) -> dict:
             broke.append(f"benchmark {bench['name']}: denoising loss {bb['heldout_loss_mean']:.4f} -> "
                          f"{ba['heldout_loss_mean']:.4f}")
     return {
-        "better_on_task": bool(better),
+        "task": task,
+        "better_on_task": task == "better",  # the same outcome as a flag, for readers of older reports
+        "scorer": scorer,
+        "score_base": b["score"],
+        "score_adapter": a["score"],
         "score_delta": delta,
         "score_delta_se": delta_se,
+        "noise": max(tolerance, 2 * delta_se),
+        "heldout_loss": loss,
+        "caveats": caveats,
         "tokens_per_forward_ratio": speed_ratio,
         "still_fast": speed_ratio is None or speed_ratio >= 1 - speed_tolerance,
         "regressions": broke,
@@ -207,6 +265,9 @@ def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, ev
     started = time.perf_counter()
     validate(eval_cfg)
     gen = GenerationSettings(**eval_cfg["generation"])
+    base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    model_limit = getattr(base_model.generation_config, "max_new_tokens", None)
+    max_canvases = (data_settings or DataSettings()).max_response_canvases
     loss_kwargs = dict(
         objective=objective, canvas_length=canvas_length, pad_id=tokenizer.pad_token_id,
         t_values=tuple(eval_cfg["loss_t"]), batches=eval_cfg["loss_batches"], seed=gen.seed,
@@ -214,11 +275,13 @@ def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, ev
     n_samples = eval_cfg.get("samples", 8)
     peft_model.eval()
     heldout = heldout_set(pairs, examples, eval_cfg)
+    gen, limit = sized(gen, heldout.examples, canvas_length, max_canvases, model_limit)
     task = evaluate_set(peft_model, tokenizer, heldout, gen, loss_kwargs, has_adapter, n_samples)
     report = {
         "schema_version": 1,
         **(meta or {}),
-        "generation_settings": asdict(gen),
+        "generation_settings": {**asdict(gen), "max_new_tokens": limit["max_new_tokens"]},
+        "max_new_tokens": limit,
         "scorers": heldout.scorers,
         "examples": task["examples"],
         "samples_shown": n_samples,
@@ -239,9 +302,12 @@ def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, ev
         except UserError as e:  # e.g. offline: the task's numbers still count, the report says what is missing
             report["benchmark_error"] = str(e)
             log.warning("benchmark skipped: %s", e)
-        else:
-            report["benchmark"] = evaluate_set(peft_model, tokenizer, bench_set, gen, loss_kwargs, has_adapter,
+        else:  # sized from its own references when eval.generation.max_new_tokens is null
+            bench_gen, bench_limit = sized(replace(gen, max_new_tokens=eval_cfg["generation"]["max_new_tokens"]),
+                                           bench_set.examples, canvas_length, max_canvases, model_limit)
+            report["benchmark"] = evaluate_set(peft_model, tokenizer, bench_set, bench_gen, loss_kwargs, has_adapter,
                                                n_samples)
+            report["benchmark"]["max_new_tokens"] = bench_limit
     if eval_cfg.get("sweep"):
         report["sweep"] = sweep(peft_model, tokenizer, heldout, gen, eval_cfg["sweep"], has_adapter)
     report["verdict"] = verdict(report, float(eval_cfg.get("regression_tolerance", 0.02)),

@@ -17,7 +17,7 @@ Speed definitions (per example; `speed_summary` pools them):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -64,6 +64,35 @@ def generation_kwargs(settings: GenerationSettings) -> dict:
     if settings.confidence_threshold is not None:
         kwargs["confidence_threshold"] = float(settings.confidence_threshold)
     return kwargs
+
+
+def reference_canvases(examples) -> int | None:
+    """Canvases the longest reference answer fills as the data layer lays it out (response + EOS, whole canvases):
+    the answer generate() has to produce is each example's last supervised turn."""
+    return max((e.targets[-1].num_canvases for e in examples if e.targets), default=None)
+
+
+def sized(settings: GenerationSettings, examples, canvas_length: int, max_response_canvases: int,
+          model_default: int | None = None) -> tuple[GenerationSettings, dict]:
+    """Settings whose max_new_tokens can hold the set's answers, and where that number came from.
+
+    A value the user set wins. Otherwise: the longest reference's canvases plus one (room for an answer a little
+    longer than the reference), within data.max_response_canvases; a set with no examples keeps the model's own
+    generation_config limit (``model_default``). That limit alone would cut any longer answer (the tiny base's
+    stops at 2 canvases), and a cut answer scores 0 for base and adapter alike.
+    """
+    needed = reference_canvases(examples)
+    info = {"reference_canvases": needed, "reference_tokens": needed * canvas_length if needed else None}
+    if settings.max_new_tokens is not None:
+        tokens, source = int(settings.max_new_tokens), "eval.generation.max_new_tokens"
+    elif needed is not None:
+        canvases = min(needed + 1, max(max_response_canvases, needed))
+        tokens, source = canvases * canvas_length, "the references"
+        settings = replace(settings, max_new_tokens=tokens)
+    else:
+        tokens, source = model_default, "the model's generation_config"
+    canvases = -(-tokens // canvas_length) if tokens else None
+    return settings, {"max_new_tokens": tokens, "canvases": canvases, "sized_from": source, **info}
 
 
 def row_speed(new_tokens: torch.Tensor, tokens_per_forward: torch.Tensor, pad_id, eos_ids, canvas_length: int):

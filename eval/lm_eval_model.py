@@ -10,9 +10,8 @@ line with that import done first. Needs the optional extra: pip install -e ".[lm
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+from dataclasses import fields, replace
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -28,57 +27,63 @@ NO_LIKELIHOOD = (
 )
 
 
-def _int_or_default(value, default: int) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):  # the harness may pass "auto" or None
-        return default
+SAMPLER_KEYS = tuple(f.name for f in fields(GenerationSettings) if f.name not in ("max_new_tokens", "batch_size"))
+
+
+def sampler_settings(given: dict, batch_size=None) -> GenerationSettings:
+    """The sampler from ``--model_args``: what is given, cast to the schema's types; the rest are the schema's
+    defaults (finetune.config.GenerationSettings, the same as python -m eval). Unknown keys (the harness's
+    temperature, do_sample, ...) are ignored: they mean nothing to this sampler."""
+    values = {}
+    for f in fields(GenerationSettings):
+        if f.name in SAMPLER_KEYS and given.get(f.name) is not None:
+            values[f.name] = (float if "float" in str(f.type) else int)(given[f.name])
+    ignored = sorted(k for k, v in given.items() if k not in SAMPLER_KEYS and v is not None)
+    if ignored:
+        log.info("diffusiongemma ignores %s (not settings of its sampler)", ", ".join(ignored))
+    try:  # the harness may pass "auto" or None
+        values["batch_size"] = int(batch_size)
+    except (TypeError, ValueError):
+        pass
+    return GenerationSettings(**values)
 
 
 @register_model("diffusiongemma", "diffusion-gemma")
 class DiffusionGemmaLM(LM):
     """``pretrained``: base model (hub id or directory; default: the adapter's base). ``adapter``: PEFT adapter
-    directory. Sampler settings (``max_denoising_steps``, ``entropy_bound``, ``t_max``, ``t_min``, ``seed``) are
-    the model's own; the harness's ``temperature``/``do_sample`` have no meaning for this sampler and are ignored.
+    directory (any saved PEFT adapter for DiffusionGemma; loaded by `finetune.model.load`). Sampler settings
+    (``max_denoising_steps``, ``entropy_bound``, ``t_max``, ``t_min``, ``seed``, ...) default to
+    `finetune.config.GenerationSettings`, as in python -m eval; the harness's ``temperature``/``do_sample`` have no
+    meaning for this sampler and are ignored.
     ``model``/``tokenizer`` take already-built objects (from Python)."""
 
     def __init__(self, pretrained: str | None = None, adapter: str | None = None, model=None, tokenizer=None,
-                 batch_size=8, max_batch_size=None, device: str | None = None, dtype: str = "auto",
-                 max_denoising_steps: int = 48, entropy_bound: float = 0.1, t_max: float = 0.8, t_min: float = 0.4,
-                 max_gen_toks: int = 256, seed: int = 0, **unused):
+                 batch_size=None, max_batch_size=None, device: str | None = None, dtype: str = "auto",
+                 max_gen_toks: int = 256, **settings):
         super().__init__()
         if model is None:
             model, tokenizer = self._load(pretrained, adapter, device, dtype)
         elif tokenizer is None:
             raise ValueError("DiffusionGemmaLM(model=...) needs tokenizer= too")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.settings = GenerationSettings(
-            max_denoising_steps=int(max_denoising_steps), entropy_bound=float(entropy_bound), t_max=float(t_max),
-            t_min=float(t_min), batch_size=_int_or_default(batch_size, 8), seed=int(seed),
-        )
-        self.max_gen_toks = int(max_gen_toks)
+        self.settings = sampler_settings(settings, batch_size)
+        self.max_gen_toks = int(max_gen_toks)  # the harness's limit for requests that name none
         self._device = next(model.parameters()).device
 
     @staticmethod
     def _load(pretrained, adapter, device, dtype):
         import torch
 
-        from finetune.model import dtype_for, load_adapter, load_model, load_tokenizer
+        from finetune.model import adapter_base, load, resolve_model_path
 
         if pretrained is None and adapter is None:
             raise ValueError("diffusiongemma needs model_args pretrained=<base> and/or adapter=<adapter dir>")
-        if pretrained is None:
-            with open(os.path.join(adapter, "adapter_config.json")) as f:
-                pretrained = json.load(f)["base_model_name_or_path"]
         device = "cuda" if str(device or "cuda").startswith("cuda") else str(device)
         if device == "cuda" and not torch.cuda.is_available():  # the harness passes --device cuda by default
             log.warning("no CUDA device visible: running diffusiongemma on the CPU")
             device = "cpu"
-        has_tokenizer = adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
-        tokenizer = load_tokenizer(adapter if has_tokenizer else pretrained)
-        model = load_model(pretrained, dtype_for(dtype, device), device)
-        if adapter:
-            model = load_adapter(model, adapter)
+        path = resolve_model_path(pretrained if pretrained is not None else adapter_base(adapter))
+        model, tokenizer, _ = load(path, device, dtype, adapter=adapter)
         return model, tokenizer
 
     # --- what the harness calls --------------------------------------------------------------------------------
@@ -91,7 +96,7 @@ class DiffusionGemmaLM(LM):
             _, gen_kwargs = request.args
             groups.setdefault(int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)), []).append(i)
         for max_tokens, indices in groups.items():
-            settings = GenerationSettings(**{**self.settings.__dict__, "max_new_tokens": max_tokens})
+            settings = replace(self.settings, max_new_tokens=max_tokens)
             prompts = [self._with_bos(requests[i].args[0]) for i in indices]
             gens = generate(self.model, self.tokenizer, prompts, settings, desc="lm-eval generate_until")
             for i, g in zip(indices, gens):

@@ -114,6 +114,16 @@ def _fmt(value, kind: str = "f") -> str:
     return f"{value:.4g}" if kind == "g" else f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+def _limit(tokens: dict) -> str:
+    """Where the answers' length limit came from, in words."""
+    needed = tokens.get("reference_canvases")
+    def canvases(n):
+        return "? canvases" if n is None else f"{n} canvas" + ("" if n == 1 else "es")
+
+    return (f"max_new_tokens {tokens['max_new_tokens']} ({canvases(tokens['canvases'])}, from {tokens['sized_from']}; "
+            f"longest reference: {canvases(needed)})")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -141,6 +151,35 @@ SPEED_ROWS = [
     ("answers that ended (EOS)", "finished_fraction", "%"),
 ]
 
+# the "better at the task?" cell of report.md for each outcome of `eval.compare.outcome`
+ANSWER = {"better": "**yes**", "worse": "**no, worse**", "not shown": "**not shown**"}
+HEADLINE = {
+    "better": "better: adapter beats base on the task",
+    "worse": "worse: adapter is WORSE than base on the task",
+    "not shown": "not shown: no task difference beyond the noise",
+}
+
+
+def verdict_lines(report: dict) -> tuple[list[str], list[str]]:
+    """The verdict as words, (outcome lines, caveats), for every place that prints it: the console, report.md and
+    the end-of-run summary (`finetune.report.summary`). Reads only `report["verdict"]` (`eval.compare.verdict`)."""
+    v = report.get("verdict") or {}
+    caveats = list(v.get("caveats") or [])
+    if "task" not in v:
+        return [], caveats
+    noise = "one example: no noise estimate" if report.get("examples", 2) < 2 else f"noise {v['noise']:.1%}"
+    lines = [f"{HEADLINE[v['task']]}: {v['scorer']} {v['score_base']:.1%} -> {v['score_adapter']:.1%} "
+             f"({v['score_delta']:+.1%} ± {v['score_delta_se']:.1%} paired s.e., {noise})"]
+    loss = v.get("heldout_loss")
+    if loss:
+        lines.append(f"held-out denoising loss (mean over t) {loss['base']:.4g} -> {loss['adapter']:.4g}: a change "
+                     "in loss, not a task result")
+    ratio = v.get("tokens_per_forward_ratio")
+    lines.append(("as fast" if v["still_fast"] else "SLOWER")
+                 + (f" (tokens per forward x{ratio:.2f})" if ratio is not None else "")
+                 + ("; nothing else broke" if v["nothing_else_broke"] else "; BROKE: " + "; ".join(v["regressions"])))
+    return lines, caveats
+
 
 def markdown(report: dict) -> str:
     sides = _sides(report)
@@ -152,18 +191,24 @@ def markdown(report: dict) -> str:
     out.append(f"- held-out examples: {report['examples']}; sampler: max_denoising_steps {gen['max_denoising_steps']}, "
                f"entropy_bound {gen['entropy_bound']}, temperature {gen['t_max']} -> {gen['t_min']}, "
                f"seed {gen['seed']}")
+    if report.get("max_new_tokens"):
+        out.append(f"- {_limit(report['max_new_tokens'])}")
     out.append("")
     v = report.get("verdict") or {}
     check = report.get("adapter_check")
     if check and check["warnings"]:
         out += ["> **WARNING: the adapter may change nothing.** " + " ".join(check["warnings"]), ""]
-    if v:
+    outcome, caveats = verdict_lines(report)
+    if outcome or caveats:
+        out += ["## Verdict", ""] + [f"- {line}" for line in outcome] + [""]
+        for caveat in caveats:  # part of the verdict: a score of cut answers says little about the task
+            out += [f"> **Caveat:** {caveat}", ""]
+    if "task" in v:
         b, a = report["base"], report["adapter"]
         out += ["## Answers", ""]
         out += _table(["question", "base", "adapter", "answer"], [
             [f"better at the task? ({report['scorers'][0]})", _fmt(b["score"], "%"), _fmt(a["score"], "%"),
-             ("**yes**" if v["better_on_task"] else "**no**")
-             + f" ({v['score_delta']:+.1%} ± {v['score_delta_se']:.1%} paired s.e.)"],
+             ANSWER[v["task"]] + f" ({v['score_delta']:+.1%} ± {v['score_delta_se']:.1%} paired s.e.)"],
             ["still fast? (tokens per forward)", _fmt(b["tokens_per_forward"], "g"),
              _fmt(a["tokens_per_forward"], "g"), "**yes**" if v["still_fast"] else "**no, slower**"],
             ["anything else broken?", "", "",
@@ -242,6 +287,13 @@ def write_report(report: dict, out_dir: str) -> list[str]:
     return files
 
 
+def console_verdict(report: dict, indent: str = "   ") -> list[str]:
+    """The verdict lines as the terminal shows them (here and at the end of a run)."""
+    outcome, caveats = verdict_lines(report)
+    lines = [f"{indent}-> {outcome[0]}"] + [f"{indent}   {line}" for line in outcome[1:]] if outcome else []
+    return lines + [f"{indent}CAVEAT: {caveat}" for caveat in caveats]
+
+
 def console_summary(report: dict, out_dir: str | None = None) -> str:
     """A few lines for the terminal; the full story is in report.md."""
     sides = _sides(report)
@@ -253,19 +305,17 @@ def console_summary(report: dict, out_dir: str | None = None) -> str:
     rows.append(("tokens per forward", [report[s]["tokens_per_forward"] for s in sides], "g"))
     rows.append(("steps per canvas", [report[s]["speed"]["steps_per_canvas"] for s in sides], "g"))
     rows.append(("tokens per second", [report[s]["speed"]["tokens_per_second"] for s in sides], "g"))
+    rows.append(("answers cut (no EOS)", [report[s].get("answers_cut") for s in sides], "%"))
     bench = report.get("benchmark")
     if bench:
         rows.append((f"{bench['name']} {bench['scorers'][0]}", [bench[s]["score"] for s in sides], "%"))
     for label, values, kind in rows:
         lines.append(f"   {label:<26}" + "".join(f"{_fmt(v, kind):>12}" for v in values))
-    v = report.get("verdict")
-    if v:
-        lines.append("   -> " + ("adapter beats base" if v["better_on_task"] else "adapter does NOT beat base")
-                     + (", as fast" if v["still_fast"] else ", SLOWER")
-                     + (", nothing else broke" if v["nothing_else_broke"]
-                        else ", BROKE: " + "; ".join(v["regressions"])))
-        for w in report["adapter_check"]["warnings"]:
-            lines.append(f"   WARNING: {w}")
+    if report.get("max_new_tokens"):
+        lines.append(f"   {_limit(report['max_new_tokens'])}")
+    lines += console_verdict(report)
+    for w in (report.get("adapter_check") or {}).get("warnings", []):
+        lines.append(f"   WARNING: {w}")
     if out_dir:
         lines.append(f" report in {out_dir}: " + ", ".join(report.get("files", [])))
     lines.append("=" * 64)

@@ -1,6 +1,12 @@
-"""What a run leaves behind for a person: the loss-curve PNG and the end-of-run summary."""
+"""What a run leaves behind for a person: the loss-curve PNG and the end-of-run summary.
+
+The summary prints the evaluation's verdict with `eval.report.console_verdict`, the function `python -m eval` prints
+it with, so the two never disagree (the report stage comes after eval in the flow: importing it is no back-edge).
+"""
 
 from __future__ import annotations
+
+from eval.report import console_verdict
 
 
 def plot_loss(step_losses: list[float], logged: list[dict], path: str, grad_accum: int = 1):
@@ -35,14 +41,11 @@ def summary(metrics: dict, run_dir: str) -> str:
         lines.append(f" held-out ({ev['examples']} examples)        base      adapter")
         b, a = ev["base"], ev["adapter"]
         lines.append(f"   denoising loss (mean of t) {b['heldout_loss_mean']:9.4f}  {a['heldout_loss_mean']:9.4f}")
-        lines.append(f"   exact match                {b['exact_match']:9.1%}  {a['exact_match']:9.1%}")
+        lines.append(f"   {ev['scorers'][0]:<26} {b['score']:9.1%}  {a['score']:9.1%}")  # what the verdict judges
+        lines.append(f"   answers cut (no EOS)       {b['answers_cut']:9.1%}  {a['answers_cut']:9.1%}")
         lines.append(f"   tokens per forward         {b['tokens_per_forward']:9.2f}  {a['tokens_per_forward']:9.2f}")
-        verdict = "adapter beats base" if a["exact_match"] > b["exact_match"] or (
-            a["exact_match"] == b["exact_match"] and a["heldout_loss_mean"] < b["heldout_loss_mean"]) else \
-            "adapter does NOT beat base"
-        lines.append(f"   -> {verdict}")
-        problems = (ev.get("verdict") or {}).get("regressions", []) + ev.get("adapter_check", {}).get("warnings", [])
-        lines += [f"   !  {problem}" for problem in problems]
+        lines += console_verdict(ev)  # the one verdict, as python -m eval prints it
+        lines += [f"   !  {warning}" for warning in ev.get("adapter_check", {}).get("warnings", [])]
         for s in a["samples"][:3]:
             lines.append(f"   e.g. {s['input'][:40]!r} -> {s['output'][:40]!r} (want {s['reference'][:40]!r})")
     lines.append(f" artifacts in {run_dir}")

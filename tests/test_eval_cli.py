@@ -58,7 +58,7 @@ def main_in_process(capsys, monkeypatch, *args):
         (["eval.sweep={param:entropy_bound,values:[]}"], "eval.sweep.values is empty"),
         (["eval.sweep={param:entropy_bound,values:[0.1,-1]}"], "eval.sweep entropy_bound=-1: `entropy_bound` must be"),
         (["eval.generation.t_min=0.9"], "eval.generation: `t_max` must be >= t_min"),
-        (["--cfg", "nope"], "--cfg takes 'job'"),
+        (["--cfg", "nope"], "--cfg takes job, hydra, all (got nope)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, monkeypatch, args, expected):
@@ -91,6 +91,78 @@ def test_cfg_job_checks_and_prints_without_loading(capsys, monkeypatch, fake_ada
     assert "max_examples: 5" in out and "name: gsm8k" in out and f"# adapter: {fake_adapter}" in out
 
 
+def save_stock_adapter(base_dir, adapter_dir, placement: str, seed: int = 0):
+    """A LoRA adapter as stock peft saves it outside our runs: get_peft_model with a target regex, random non-zero
+    B, save_pretrained; no tokenizer, no generation config, no run directory around it.
+
+    shared: encoder and decoder LoRA with equal values (a tied model trained as one); separate: both, different
+    (Unsloth's DiffusionTrainer); decoder: the denoiser only."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    stacks = r"model\.decoder\.layers\.\d+\." if placement == "decoder" else \
+        r"(model\.encoder\.language_model\.layers\.\d+\.|model\.decoder\.layers\.\d+\.)"
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(base_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=stacks + r"self_attn\.(q|v)_proj"))
+    torch.manual_seed(seed)
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        if placement == "shared":
+            for name, p in params.items():
+                if "lora_" in name and ".encoder.language_model.layers." in name:
+                    p.copy_(params[name.replace(".encoder.language_model.layers.", ".decoder.layers.")])
+    peft_model.save_pretrained(str(adapter_dir))
+    return adapter_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tokenizer):
+    """A small DiffusionGemma saved as any hub model is: weights, config, generation config, tokenizer."""
+    from conftest import make_model
+    from finetune.tiny import generation_config
+
+    path = tmp_path_factory.mktemp("base") / "tiny-diffusiongemma"
+    model = make_model(tokenizer)
+    model.generation_config = generation_config(tokenizer, model.config.canvas_length)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("placement", ["shared", "separate", "decoder"])
+def test_eval_takes_any_stock_peft_adapter(capsys, monkeypatch, tiny_base, tmp_path, placement):
+    from safetensors.torch import load_file
+
+    from finetune.model import adapter_placement
+
+    adapter = save_stock_adapter(tiny_base, tmp_path / f"{placement}-adapter", placement)
+    assert not (adapter / "tokenizer_config.json").exists()
+    assert adapter_placement(str(adapter)) == placement  # the premise: each kind of adapter is what it says
+    out = tmp_path / "eval"
+    code, stdout, err = main_in_process(
+        capsys, monkeypatch, f"adapter={adapter}", f"out={out}", "data.train_rows=8", "data.eval_rows=4",
+        "eval.max_examples=4", "eval.loss_t=[0.5]", "eval.loss_batches=1", "eval.benchmark=null",
+        "eval.generation.max_denoising_steps=2", "eval.generation.batch_size=4")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["base_model"] == str(tiny_base) and report["adapter_placement"] == placement
+    assert (out / "report.md").is_file() and f"({placement} LoRA)" in stdout
+    base, tuned = report["base"], report["adapter"]
+    assert tuned["heldout_loss_by_t"] != base["heldout_loss_by_t"]  # the adapter side is the adapter, not the base
+    check = report["adapter_check"]
+    saved = [k for k in load_file(str(adapter / "adapter_model.safetensors")) if "lora_A" in k]
+    decoder = [k for k in saved if ".decoder.layers." in k]
+    # every saved module is measured; shared encoder LoRA is re-tied to its decoder twin on load: counted once
+    assert check["lora_modules"] == (len(decoder) if placement == "shared" else len(saved)) > 0
+    assert check["zero_delta_modules"] == 0
+    assert report["verdict"]["task"] in ("better", "worse", "not shown")
+
+
 @pytest.mark.slow
 def test_eval_cli_on_the_default_run_reproduces_its_numbers_and_sweeps(default_run, tmp_path):
     tmp, env, _ = default_run
@@ -108,7 +180,7 @@ def test_eval_cli_on_the_default_run_reproduces_its_numbers_and_sweeps(default_r
     for side in ("base", "adapter"):
         assert report[side]["heldout_loss_by_t"] == at_end_of_training[side]["heldout_loss_by_t"]
         assert report[side]["scores"] == at_end_of_training[side]["scores"]
-    assert report["verdict"]["better_on_task"] and report["adapter"]["score"] >= report["base"]["score"] + 0.5
+    assert report["verdict"]["task"] == "better" and report["adapter"]["score"] >= report["base"]["score"] + 0.5
     assert report["adapter_check"]["adapter_changed_nothing"] is False
     sweep = report["sweep"]["adapter"]
     assert [p["value"] for p in sweep] == [1, 4, 48]

@@ -8,12 +8,14 @@ import torch
 
 from conftest import make_model
 from eval.adapter_check import adapter_check, lora_delta_norms
-from eval.compare import compare
+from eval.compare import compare, verdict
 from eval.generation import GenerationSettings, generate, row_speed, speed_summary
 from eval.loss import heldout_loss
+from eval.report import console_summary, markdown
+from finetune.canvas import collate
 from finetune.data import DataSettings, build_examples, eval_prompts
 from finetune.model import LoraSettings, attach_lora
-from finetune.objective import ObjectiveConfig
+from finetune.objective import ObjectiveConfig, diffusion_loss
 from finetune.tiny import generation_config, task_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,6 +68,26 @@ def test_heldout_loss_same_seed_same_number(tokenizer, data):
     assert first[0.1] < first[0.9]  # more noise, harder to denoise
     rebuilt = heldout_loss(make_model(tokenizer), examples, **kwargs)  # a fresh process would build the same
     assert rebuilt == first
+
+
+def test_heldout_loss_is_the_training_loss_at_that_t(tokenizer, data):
+    """The number in the report is `diffusion_loss` itself, called with the same t, canvases, noise (the seeded
+    generator) and no self-conditioning: no second loss to drift from the one training minimises."""
+    _, _, examples = data
+    model = make_model(tokenizer)
+    objective = ObjectiveConfig(self_conditioning_p=0.9)  # the report must switch it off, whatever training used
+    losses = heldout_loss(model, examples, objective, CANVAS, tokenizer.pad_token_id, t_values=(0.3, 0.7),
+                          batches=1, seed=5)
+    batch = collate(examples, tokenizer.pad_token_id)
+    n = len(examples)
+    for t in (0.3, 0.7):
+        direct = diffusion_loss(model, batch, ObjectiveConfig(self_conditioning_p=0.0, encoder_ar_weight=0.0),
+                                CANVAS, generator=torch.Generator().manual_seed(5), t=torch.full((n,), t),
+                                self_conditioning=torch.zeros(n, dtype=torch.bool))
+        assert losses[t] == pytest.approx(float(direct.diffusion_loss), rel=1e-6, abs=0.0)
+    with_self_conditioning = diffusion_loss(model, batch, objective, CANVAS, generator=torch.Generator().manual_seed(5),
+                                            t=torch.full((n,), 0.7), self_conditioning=torch.ones(n, dtype=torch.bool))
+    assert float(with_self_conditioning.diffusion_loss) != pytest.approx(losses[0.7], rel=1e-6)  # the check can fail
 
 
 def test_row_speed_counts_tokens_passes_and_canvases():
@@ -162,33 +184,142 @@ def test_report_files_benchmark_and_sweep(tokenizer, data, tmp_path):
 
 
 def test_base_alone_without_an_adapter(tokenizer, data, tmp_path):
-    from eval.report import console_summary
-
     rows, pairs, examples = data
     model = make_model(tokenizer)
     model.generation_config = generation_config(tokenizer, CANVAS)
     report = compare(model, tokenizer, pairs, examples, ObjectiveConfig(), CANVAS, eval_cfg(),
                      out_dir=str(tmp_path), has_adapter=False)
     assert "base" in report and "adapter" not in report and "adapter_check" not in report
-    assert report["verdict"] == {}
+    assert set(report["verdict"]) == {"caveats"}  # nothing to compare; a random model's answers never end
+    assert report["verdict"]["caveats"][0].startswith("answers cut (held-out): 100% of base answers")
     assert (tmp_path / "report.md").read_text().startswith("# Evaluation: base\n")
-    assert "Evaluation: base" in console_summary(report, str(tmp_path))
+    console = console_summary(report, str(tmp_path))
+    assert "Evaluation: base" in console and "CAVEAT: answers cut" in console and "->" not in console
+
+
+def side(score, loss=None, cut=0.0):
+    """One side of a report as `compare` writes it, with only the numbers a verdict test sets."""
+    speed = {key: 1.0 for key in ("tokens_per_forward", "tokens_per_forward_pooled", "decoder_forward_passes_mean",
+                                  "steps_per_canvas", "generated_tokens_mean", "tokens_per_second")}
+    block = {"score": score, "scores": {"exact_match": score}, "exact_match": score, "tokens_per_forward": 1.0,
+             "speed": {**speed, "finished_fraction": 1.0 - cut}, "answers_cut": cut}
+    if loss is not None:
+        block.update(heldout_loss_mean=loss, heldout_loss_by_t={0.5: loss})
+    return block
+
+
+def rows(pairs, scorer="exact_match"):
+    return [{"base": {scorer: b}, "adapter": {scorer: a}} for b, a in pairs]
+
+
+def verdict_report(pairs, loss=(None, None), cut=(0.0, 0.0)):
+    base = sum(b for b, _ in pairs) / len(pairs)
+    adapter = sum(a for _, a in pairs) / len(pairs)
+    return {"base": side(base, loss[0], cut[0]), "adapter": side(adapter, loss[1], cut[1]), "scorers": ["exact_match"],
+            "examples": len(pairs), "generations": rows(pairs),
+            "adapter_check": {"adapter_changed_nothing": False, "warnings": [], "changed_generations_fraction": 0.5,
+                              "lora_modules": 2, "zero_delta_modules": 0, "delta_norm_total": 1.0,
+                              "delta_norm_max": 1.0, "relative_delta_max": 0.1},
+            "generation_settings": {"max_denoising_steps": 4, "entropy_bound": 0.1, "t_max": 0.8, "t_min": 0.4,
+                                    "seed": 0},
+            "max_new_tokens": {"max_new_tokens": 16, "canvases": 2, "sized_from": "the model's generation_config",
+                               "reference_canvases": 3, "reference_tokens": 24}}
+
+
+@pytest.mark.parametrize("pairs,expected", [
+    ([(0, 1)] * 8 + [(1, 1)] * 2, "better"),  # +80%, every change the same way: far beyond the noise
+    ([(1, 0)] * 6 + [(1, 1)] * 4, "worse"),
+    ([(0, 1), (1, 0)] * 5, "not shown"),  # as many gained as lost
+    ([(0, 1)] + [(0, 0)] * 9, "not shown"),  # +10% from one example: within two paired standard errors (0.2)
+    ([(0, 1)], "not shown"),  # one example: no noise estimate, nothing shown
+])
+def test_the_verdict_has_three_outcomes(pairs, expected):
+    v = verdict(verdict_report(pairs), 0.02, 0.1)
+    assert v["task"] == expected and v["better_on_task"] is (expected == "better")
+    report = verdict_report(pairs)
+    report["verdict"] = v
+    headline = console_summary(report).split("-> ")[1].splitlines()[0]
+    assert headline.startswith(expected + ":"), headline
+    assert ("adapter beats base" in headline) is (expected == "better")
+
+
+def test_a_tie_at_zero_is_not_shown_and_the_loss_is_only_a_loss(tokenizer):
+    """The issue's case: every answer cut, 0% vs 0%, the adapter's loss far lower: no win is claimed, the loss
+    change is called what it is, and the cut answers are a caveat of the verdict, in every place it is printed."""
+    from finetune.report import summary
+
+    report = verdict_report([(0, 0)] * 10, loss=(4.6, 0.01), cut=(1.0, 1.0))
+    report["verdict"] = v = verdict(report, 0.02, 0.1)
+    assert v["task"] == "not shown" and v["better_on_task"] is False
+    assert v["heldout_loss"]["change"] == pytest.approx(-4.59)
+    (caveat,) = v["caveats"]
+    assert "100% of base and 100% of adapter answers did not end within max_new_tokens=16" in caveat
+    assert "raise eval.generation.max_new_tokens" in caveat  # the references need 3 canvases, the limit gives 2
+    console = console_summary(report)
+    assert "-> not shown: no task difference beyond the noise: exact_match 0.0% -> 0.0%" in console
+    assert "held-out denoising loss (mean over t) 4.6 -> 0.01: a change in loss, not a task result" in console
+    assert "CAVEAT: answers cut (held-out)" in console and "beats" not in console
+    md = markdown({**report, "definitions": {}, "generations": [], "samples_shown": 0})
+    assert "## Verdict" in md and "> **Caveat:** answers cut" in md and "| **not shown** (+0.0%" in md
+    assert md.index("> **Caveat:**") < md.index("## Answers")  # with the verdict, not a footnote
+    report["adapter"]["samples"] = []
+    metrics = {"run_name": "r", "training": {"steps": 1, "seconds": 1, "trainable_params": 1, "loss_first": 1.0,
+                                             "loss_last": 0.5}, "eval": report}
+    end_of_run = summary(metrics, "/tmp/run")
+    assert "-> not shown:" in end_of_run and "CAVEAT: answers cut" in end_of_run and "beats" not in end_of_run
 
 
 def test_a_benchmark_drop_within_sampling_noise_is_not_a_regression():
-    from eval.compare import verdict
-
-    def side(score):
-        return {"score": score, "tokens_per_forward": 1.0, "speed": {"finished_fraction": 1.0}}
-
-    def rows(pairs):
-        return [{"base": {"exact_match": b}, "adapter": {"exact_match": a}} for b, a in pairs]
-
-    report = {"base": side(0.5), "adapter": side(1.0), "scorers": ["exact_match"],
-              "generations": rows([(0, 1), (1, 1)]), "adapter_check": {"adapter_changed_nothing": False}}
+    report = verdict_report([(0, 1), (1, 1)])
     # 10 examples, one lost and none gained: -10% but within two standard errors (~0.2)
     report["benchmark"] = {"name": "b", "scorers": ["exact_match"], "base": side(0.5), "adapter": side(0.4),
                            "generations": rows([(1, 0)] + [(1, 1)] * 4 + [(0, 0)] * 5)}
     assert verdict(report, 0.02, 0.1)["nothing_else_broke"] is True
     report["benchmark"]["generations"] = rows([(1, 0)] * 5 + [(0, 0)] * 5)  # every right answer lost
     assert verdict(report, 0.02, 0.1)["regressions"] == ["benchmark b: exact_match 50.0% -> 40.0%"]
+
+
+@pytest.fixture(scope="module")
+def long_answers(tokenizer):
+    """Held-out rows whose answers fill 3 canvases of 8 (the tiny base's generation_config stops at 16 tokens)."""
+    rows = [{"prompt": f"copy: {w}", "completion": w} for w in ("abcdefghijklmnopqr", "stuvwxyzabcdefghij",
+                                                               "klmnopqrstuvwxyzab", "cdefghijklmnopqrst")]
+    settings = DataSettings()
+    examples, _ = build_examples(rows, tokenizer, settings, CANVAS, "long")
+    assert {e.num_canvases for e in examples} == {3}  # the premise: as the data layer lays them out
+    return eval_prompts(rows, tokenizer, settings), examples
+
+
+def test_max_new_tokens_is_sized_from_the_references(tokenizer, long_answers):
+    pairs, examples = long_answers
+    model = make_model(tokenizer)
+    model.generation_config = generation_config(tokenizer, CANVAS)
+    assert model.generation_config.max_new_tokens == 16  # what generate() would use on its own: 2 canvases
+    cfg = eval_cfg(generation={**GEN, "max_new_tokens": None}, loss_t=[0.5], scorers=["exact_match"])
+    report = compare(model, tokenizer, pairs, examples, ObjectiveConfig(), CANVAS, cfg, has_adapter=False)
+    limit = report["max_new_tokens"]
+    assert limit["reference_canvases"] == 3 and limit["sized_from"] == "the references"
+    assert limit["max_new_tokens"] == 4 * CANVAS == report["generation_settings"]["max_new_tokens"]  # 3 + 1 canvases
+    assert max(g["base"]["canvases"] for g in report["generations"]) > 2  # generate() really got the room
+    capped = compare(model, tokenizer, pairs, examples, ObjectiveConfig(), CANVAS, cfg, has_adapter=False,
+                     data_settings=DataSettings(max_response_canvases=3))
+    assert capped["max_new_tokens"]["max_new_tokens"] == 3 * CANVAS  # plus one, but within max_response_canvases
+
+
+def test_a_too_small_explicit_max_new_tokens_wins_and_is_reported_as_cutting(tokenizer, long_answers, tmp_path):
+    pairs, examples = long_answers
+    peft_model = lora_model(tokenizer)
+    cfg = eval_cfg(generation={**GEN, "max_new_tokens": CANVAS}, loss_t=[0.5], scorers=["exact_match"])
+    report = compare(peft_model, tokenizer, pairs, examples, ObjectiveConfig(), CANVAS, cfg, out_dir=str(tmp_path))
+    assert report["max_new_tokens"]["max_new_tokens"] == CANVAS  # the user's value wins
+    assert report["max_new_tokens"]["sized_from"] == "eval.generation.max_new_tokens"
+    assert all(g[s]["canvases"] == 1 for g in report["generations"] for s in ("base", "adapter"))
+    assert report["base"]["answers_cut"] == 1.0  # a 3-canvas answer cannot end within one canvas
+    (caveat,) = report["verdict"]["caveats"]
+    assert caveat.startswith("answers cut (held-out): 100% of base and 100% of adapter answers did not end within "
+                             "max_new_tokens=8 (1 canvas, from eval.generation.max_new_tokens)")
+    assert "the longest reference needs 3 canvases" in caveat
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["verdict"]["caveats"] == [caveat] and saved["adapter"]["answers_cut"] == 1.0
+    assert f"> **Caveat:** {caveat}" in (tmp_path / "report.md").read_text()
+    assert f"CAVEAT: {caveat}" in console_summary(report)

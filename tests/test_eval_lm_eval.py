@@ -8,8 +8,11 @@ import sys
 
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval")  # the optional extra: pip install -e ".[lm-eval]"
+# the optional extra; pytest -ra (pyproject's addopts) lists this reason under "short test summary info"
+lm_eval = pytest.importorskip("lm_eval", reason='lm-evaluation-harness is not installed: pip install -e ".[lm-eval]" '
+                              "to run the lm-eval model tests")
 
+import torch  # noqa: E402
 from conftest import make_model  # noqa: E402
 from eval.generation import GenerationSettings, generate  # noqa: E402
 from finetune.tiny import generation_config, task_rows  # noqa: E402
@@ -75,6 +78,44 @@ def test_likelihood_requests_say_block_diffusion_has_none(tokenizer):
     for method in (lm.loglikelihood, lm.loglikelihood_rolling):
         with pytest.raises(NotImplementedError, match="no left-to-right token likelihood"):
             method([])
+
+
+def test_sampler_defaults_are_the_schema_and_model_args_override_them(tokenizer):
+    """One source for the sampler's defaults: finetune.config.GenerationSettings, as python -m eval uses them."""
+    from dataclasses import replace
+
+    from eval.lm_eval_model import DiffusionGemmaLM
+
+    model = make_model(tokenizer)
+    assert DiffusionGemmaLM(model=model, tokenizer=tokenizer).settings == GenerationSettings()
+    # as the harness passes them: strings from --model_args, batch_size "auto", keys of other samplers
+    lm = DiffusionGemmaLM(model=model, tokenizer=tokenizer, batch_size="auto", max_denoising_steps="4",
+                          entropy_bound="0.5", seed=3, temperature=0.0, do_sample=False)
+    assert lm.settings == replace(GenerationSettings(), max_denoising_steps=4, entropy_bound=0.5, seed=3)
+    assert DiffusionGemmaLM(model=model, tokenizer=tokenizer, batch_size=2).settings.batch_size == 2
+
+
+def test_a_stock_peft_adapter_loads_through_the_one_loader(tokenizer, tmp_path):
+    """model_args adapter=DIR alone: the base from adapter_config.json, the base's tokenizer (the adapter has none),
+    the placement inferred (a separate encoder LoRA stays separate)."""
+    from peft import PeftModel
+    from test_eval_cli import save_stock_adapter
+
+    from eval.lm_eval_model import DiffusionGemmaLM
+    from finetune.tiny import generation_config
+
+    base = tmp_path / "base"
+    model = make_model(tokenizer)
+    model.generation_config = generation_config(tokenizer, 8)
+    model.save_pretrained(str(base))
+    tokenizer.save_pretrained(str(base))
+    adapter = save_stock_adapter(base, tmp_path / "adapter", "separate")
+    lm = DiffusionGemmaLM(adapter=str(adapter), device="cpu")
+    assert isinstance(lm.model, PeftModel) and lm.tokenizer.name_or_path == str(base)
+    layers = dict(lm.model.named_modules())
+    enc = layers["base_model.model.model.encoder.language_model.layers.0.self_attn.q_proj"].lora_B["default"]
+    dec = layers["base_model.model.model.decoder.layers.0.self_attn.q_proj"].lora_B["default"]
+    assert enc is not dec and not torch.equal(enc.weight, dec.weight)
 
 
 def test_the_model_is_registered_under_its_name():
