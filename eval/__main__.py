@@ -33,24 +33,6 @@ def output_dir(out: str | None, adapter: str | None, recipe: str) -> str:
     return os.path.abspath(out)
 
 
-def objective_for_eval(cfg, tokenizer=None):
-    """The recipe's objective settings for the held-out loss (`eval.loss` turns self-conditioning and the encoder
-    loss off itself); a mask corruption takes the tokenizer's mask token, as training does. Without a tokenizer
-    (the early check) the mask token is a placeholder."""
-    from omegaconf import OmegaConf
-
-    from finetune.errors import UserError
-    from finetune.objective import ObjectiveConfig
-
-    values = OmegaConf.to_container(cfg.objective)
-    if values["corruption"] == "mask" and values["mask_token_id"] is None:
-        values["mask_token_id"] = tokenizer.mask_token_id if tokenizer is not None else -1
-    try:
-        return ObjectiveConfig(**values)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     import logging
 
@@ -63,6 +45,7 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     from finetune.config import check, compose, recipe_choice, settings
     from finetune.data import eval_prompts, load_splits
     from finetune.model import adapter_base, load, resolve_device, resolve_model_path
+    from finetune.objective import objective_settings
     from finetune.pretrain import base_model_path
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -71,7 +54,7 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     check(cfg)
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     validate(eval_cfg)
-    objective_for_eval(cfg)
+    objective_settings(cfg.objective)
     adapter = os.path.abspath(os.path.expanduser(adapter)) if adapter else None
     base = adapter_base(adapter) if adapter else None
     if cfg_mode:
@@ -85,7 +68,7 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     model, tokenizer, placement = load(path, device, cfg.model.dtype, adapter=adapter,
                                        load_in_4bit=cfg.model.load_in_4bit, attn=cfg.model.attn_implementation)
     canvas_length = (model.get_base_model() if adapter else model).config.canvas_length
-    objective = objective_for_eval(cfg, tokenizer)
+    objective = objective_settings(cfg.objective, tokenizer)
     data = settings(cfg.data)
     _, _, _, rows, examples, stats = load_splits(data, tokenizer, canvas_length)
     pairs = eval_prompts(rows, tokenizer, data)

@@ -13,7 +13,7 @@ from eval.generation import Generation, GenerationSettings, generate, generation
 from eval.loss import heldout_loss
 from eval.scorers import exact_match, resolve_scorer, score_all
 from eval.sets import EvalSet, benchmark_set, heldout_set
-from finetune.config import DataSettings
+from finetune.config import DataSettings, eval_settings
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,18 +54,28 @@ def _check_sampler(settings: GenerationSettings, where: str):
         raise UserError(f"{where}: {str(e).splitlines()[0]}") from None
 
 
-def validate(eval_cfg: dict):
-    """Config errors before any model is loaded."""
+def active_benchmark(eval_cfg: dict) -> dict | None:
+    bench = eval_cfg.get("benchmark")
+    return bench if bench and bench.get("source") else None
+
+
+def active_sweep(eval_cfg: dict) -> dict | None:
+    sweep = eval_cfg.get("sweep")
+    return sweep if sweep and sweep.get("values") else None
+
+
+def validate(eval_cfg) -> dict:
+    """Config errors before any model is loaded; returns the block completed with the schema's defaults."""
+    eval_cfg = eval_settings(eval_cfg)
     gen = GenerationSettings(**eval_cfg["generation"])
     _check_sampler(gen, "eval.generation")
-    for name in list(eval_cfg.get("scorers") or []) + list((eval_cfg.get("benchmark") or {}).get("scorers") or []):
+    bench = active_benchmark(eval_cfg)
+    for name in list(eval_cfg["scorers"]) + list(bench["scorers"] if bench else []):
         resolve_scorer(name)
-    sweep = eval_cfg.get("sweep")
+    sweep = active_sweep(eval_cfg)
     if sweep:
-        if sweep.get("param") not in SWEEP_PARAMS:
-            raise UserError(f"eval.sweep.param={sweep.get('param')!r}: use one of {', '.join(SWEEP_PARAMS)}")
-        if not sweep.get("values"):
-            raise UserError("eval.sweep.values is empty: give a list, e.g. eval.sweep.values=[4,8,16,48]")
+        if sweep["param"] not in SWEEP_PARAMS:
+            raise UserError(f"eval.sweep.param={sweep['param']!r}: use one of {', '.join(SWEEP_PARAMS)}")
         cast = int if sweep["param"] == "max_denoising_steps" else float
         for value in sweep["values"]:
             where = f"eval.sweep {sweep['param']}={value}"
@@ -74,9 +84,7 @@ def validate(eval_cfg: dict):
             except (TypeError, ValueError):
                 raise UserError(f"{where}: not a number") from None
             _check_sampler(replace(gen, **{sweep["param"]: value}), where)
-    bench = eval_cfg.get("benchmark")
-    if bench and not bench.get("source"):
-        raise UserError("eval.benchmark needs a source: tiny:<task>, a local file or a hub data set id")
+    return eval_cfg
 
 
 def _sides(peft_model, has_adapter: bool):
@@ -263,7 +271,7 @@ def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, ev
     ``out_dir``, writes report.json, report.md and the plots there. ``pairs`` are (generation prompt, reference,
     question) from `finetune.data.eval_prompts`."""
     started = time.perf_counter()
-    validate(eval_cfg)
+    eval_cfg = validate(eval_cfg)
     gen = GenerationSettings(**eval_cfg["generation"])
     base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     model_limit = getattr(base_model.generation_config, "max_new_tokens", None)
@@ -272,7 +280,7 @@ def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, ev
         objective=objective, canvas_length=canvas_length, pad_id=tokenizer.pad_token_id,
         t_values=tuple(eval_cfg["loss_t"]), batches=eval_cfg["loss_batches"], seed=gen.seed,
     )
-    n_samples = eval_cfg.get("samples", 8)
+    n_samples = eval_cfg["samples"]
     peft_model.eval()
     heldout = heldout_set(pairs, examples, eval_cfg)
     gen, limit = sized(gen, heldout.examples, canvas_length, max_canvases, model_limit)
@@ -294,8 +302,8 @@ def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, ev
     if has_adapter:
         report["adapter_check"] = adapter_check(peft_model, [r["base"]["output"] for r in task["generations"]],
                                                 [r["adapter"]["output"] for r in task["generations"]],
-                                                tolerance=float(eval_cfg.get("zero_delta_tolerance", 1e-8)))
-    bench_cfg = eval_cfg.get("benchmark")
+                                                tolerance=float(eval_cfg["zero_delta_tolerance"]))
+    bench_cfg = active_benchmark(eval_cfg)
     if bench_cfg:
         try:
             bench_set = benchmark_set(bench_cfg, tokenizer, canvas_length, data_settings)
@@ -308,10 +316,9 @@ def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, ev
             report["benchmark"] = evaluate_set(peft_model, tokenizer, bench_set, bench_gen, loss_kwargs, has_adapter,
                                                n_samples)
             report["benchmark"]["max_new_tokens"] = bench_limit
-    if eval_cfg.get("sweep"):
+    if active_sweep(eval_cfg):
         report["sweep"] = sweep(peft_model, tokenizer, heldout, gen, eval_cfg["sweep"], has_adapter)
-    report["verdict"] = verdict(report, float(eval_cfg.get("regression_tolerance", 0.02)),
-                                float(eval_cfg.get("speed_tolerance", 0.1)))
+    report["verdict"] = verdict(report, float(eval_cfg["regression_tolerance"]), float(eval_cfg["speed_tolerance"]))
     report["seconds"] = time.perf_counter() - started  # the whole evaluation, for planning the next one
     if out_dir:
         from eval.report import write_report

@@ -25,7 +25,7 @@ def heldout_set(pairs, examples, eval_cfg: dict, source: str | None = None) -> E
     """The held-out rows as (prompt, reference, question) pairs from `finetune.data.eval_prompts`."""
     pairs = pairs[: eval_cfg["max_examples"]]
     return EvalSet("held-out", [p for p, _, _ in pairs], [r for _, r, _ in pairs], [q for _, _, q in pairs],
-                   list(examples), list(eval_cfg.get("scorers") or ["exact_match"]), source)
+                   list(examples), list(eval_cfg["scorers"]), source)
 
 
 def _with_instruction(row: dict, instruction: str | None) -> dict:
@@ -46,21 +46,21 @@ def benchmark_set(bench: dict, tokenizer, canvas_length: int, data: DataSettings
     """Read, render and tokenise a benchmark described by an `eval.benchmark` config block."""
     data = data or DataSettings()
     settings = DataSettings(
-        train=bench["source"], eval=bench["source"], subset=bench.get("subset"), seed=data.seed,
-        columns=dict(bench.get("columns") or {}), system_prompt=data.system_prompt,
+        train=bench["source"], eval=bench["source"], subset=bench["subset"], seed=data.seed,
+        columns=dict(bench["columns"] or {}), system_prompt=data.system_prompt,
         max_prompt_tokens=data.max_prompt_tokens, max_response_canvases=data.max_response_canvases,
     )
     # seed offset: a tiny task benchmark draws rows unlike the training rows of the same task
-    rows = read_rows(bench["source"], bench.get("split") or "test", settings, bench.get("max_examples"), Stats(),
+    rows = read_rows(bench["source"], bench["split"], settings, bench["max_examples"], Stats(),
                      seed_offset=20_000)
     if not rows:
-        raise UserError(f"eval.benchmark {bench.get('name')!r}: {bench['source']!r} gave no rows")
-    name = bench.get("name") or bench["source"]
+        raise UserError(f"eval.benchmark {bench['name']!r}: {bench['source']!r} gave no rows")
+    name = bench["name"] or bench["source"]
     originals = eval_prompts(rows, tokenizer, settings)  # references and questions without the instruction
-    rows = [Row(_with_instruction(r.data, bench.get("instruction")), r.where) for r in rows]
+    rows = [Row(_with_instruction(r.data, bench["instruction"]), r.where) for r in rows]
     pairs = eval_prompts(rows, tokenizer, settings)
     if len(pairs) != len(rows):
         raise UserError(f"eval.benchmark {name!r}: {len(rows) - len(pairs)} rows cannot be rendered")
     examples, _ = build_examples(rows, tokenizer, settings, canvas_length, f"eval.benchmark ({name})")
     return EvalSet(name, [p for p, _, _ in pairs], [r for _, r, _ in originals], [q for _, _, q in originals],
-                   examples, list(bench.get("scorers") or ["exact_match"]), bench["source"])
+                   examples, list(bench["scorers"]), bench["source"])

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401 (MISSING: for schema users)
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import UserError
 
@@ -212,10 +212,11 @@ class GenerationSettings:
 
 @dataclass
 class BenchmarkSettings:
-    """A second, named data set scored the same way, to catch what the adapter broke."""
+    """A second, named data set scored the same way, to catch what the adapter broke; off while source is null.
+    (Off rather than a null block: Hydra cannot merge eval.benchmark={...} from the command line into a null.)"""
 
     name: Optional[str] = None  # shown in the report; null: the source
-    source: str = MISSING  # tiny:<task>, a local .jsonl/.json/.parquet/.csv file, or a hub data set id
+    source: Optional[str] = None  # tiny:<task>, a local .jsonl/.json/.parquet/.csv file, or a hub data set id
     subset: Optional[str] = None  # hub data set config name
     split: str = "test"
     columns: Optional[Any] = None  # rename map to prompt/completion (or give a messages column)
@@ -226,10 +227,11 @@ class BenchmarkSettings:
 
 @dataclass
 class SweepSettings:
-    """The sampler's speed/quality trade-off: score and speed at each value of one setting."""
+    """The sampler's speed/quality trade-off: score and speed at each value of one setting; off while values is
+    empty (e.g. 'eval.sweep={param: max_denoising_steps, values: [4, 8, 16, 48]}')."""
 
     param: str = "max_denoising_steps"  # max_denoising_steps | entropy_bound
-    values: List[Any] = field(default_factory=lambda: [4, 8, 16, 48])
+    values: List[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -246,8 +248,9 @@ class EvalSettings:
     speed_tolerance: float = 0.1  # adapter tokens per forward more than 10% below base counts as "slower"
     zero_delta_tolerance: float = 1e-8  # a LoRA delta norm at or below this counts as zero ("adapter changed nothing")
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    benchmark: Optional[BenchmarkSettings] = None  # e.g. GSM8K for the chat recipes (conf/eval/chat.yaml)
-    sweep: Optional[SweepSettings] = None  # e.g. 'eval.sweep={param: max_denoising_steps, values: [4, 8, 16, 48]}'
+    # GSM8K for the chat recipes (conf/eval/chat.yaml), the base's copy task for tiny; eval.benchmark=null: none
+    benchmark: Optional[BenchmarkSettings] = field(default_factory=BenchmarkSettings)
+    sweep: Optional[SweepSettings] = field(default_factory=SweepSettings)
 
 
 EXPORT_FORMATS = ("adapter", "merged", "both")
@@ -413,6 +416,16 @@ def compose(overrides: list, return_hydra_config: bool = False) -> DictConfig:
 
 def check(cfg: DictConfig) -> None:
     """Build the groups' settings once: their own checks run before anything is loaded or written (the objective's
-    need the tokenizer for a mask token: `finetune.run.objective_settings`)."""
+    need the tokenizer for a mask token: `finetune.objective.objective_settings`)."""
     for key in ("model", "data", "lora", "train", "hardware", "eval", "export"):
         settings(cfg[key])
+
+
+def eval_settings(eval_cfg) -> dict:
+    """An `eval` block (a config node, or a plain dict that states only some keys) completed with the schema's
+    defaults, as a plain dict: the evaluation reads every value from here, never from a default of its own."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EvalSettings), eval_cfg)
+    except Exception as e:
+        raise UserError(f"eval: {_first_message(e)}") from None
+    return OmegaConf.to_container(merged, resolve=True)

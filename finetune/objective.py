@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from transformers import DynamicCache
 
 from finetune.canvas import decoder_masks, encoder_masks
 from finetune.config import ObjectiveConfig
+from finetune.errors import UserError
 
 @dataclass
 class LossOutput:
@@ -35,6 +37,19 @@ class LossOutput:
     noisy: torch.Tensor  # (T, C) the decoder's input canvas per target
     per_target_loss: torch.Tensor  # (T,) summed (weighted) CE of each target's counted tokens
     targets: torch.Tensor  # (T, C) the clean canvas each target was scored against
+
+
+def objective_settings(objective, tokenizer=None) -> ObjectiveConfig:
+    """The `objective` config block as validated settings (a UserError names the key); corruption=mask without a
+    mask_token_id takes the tokenizer's mask token. Without a tokenizer (the checks before anything loads) a
+    placeholder stands in for it."""
+    values = OmegaConf.to_container(objective) if OmegaConf.is_config(objective) else dict(objective)
+    if values["corruption"] == "mask" and values["mask_token_id"] is None:
+        values["mask_token_id"] = tokenizer.mask_token_id if tokenizer is not None else -1
+    try:
+        return ObjectiveConfig(**values)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def project(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from finetune.config import settings
 from finetune.data import eval_prompts, load_splits
 from finetune.errors import UserError
 from finetune.model import attach_lora, count_parameters, load, resolve_device, resolve_model_path, target_regex
-from finetune.objective import ObjectiveConfig
+from finetune.objective import ObjectiveConfig, objective_settings
 from finetune.pretrain import base_model_path
 from finetune.report import plot_loss, summary
 from finetune.train import fit
@@ -30,15 +30,9 @@ log = logging.getLogger("finetune")
 HYDRA_FILES = {".hydra", "finetune.log"}  # what Hydra writes into a run directory before the run starts
 
 
-def objective_settings(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
-    """Validated objective settings; without a tokenizer (an early check) a mask token id is not resolved yet."""
-    values = OmegaConf.to_container(cfg.objective)
-    if values["corruption"] == "mask" and values["mask_token_id"] is None:
-        values["mask_token_id"] = tokenizer.mask_token_id if tokenizer is not None else -1
-    try:
-        objective = ObjectiveConfig(**values)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+def training_objective(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
+    """The objective settings, and whether the LoRA placement can train them."""
+    objective = objective_settings(cfg.objective, tokenizer)
     if cfg.lora.placement == "decoder" and objective.encoder_ar_weight > 0:
         raise UserError(
             "lora.placement=decoder leaves the encoder frozen, so objective.encoder_ar_weight has nothing to train: "
@@ -50,7 +44,7 @@ def objective_settings(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
 def check(cfg: DictConfig, run_dir: str | None = None) -> None:
     """Every check that needs no download, no model and no data: bad settings fail before anything is written."""
     check_settings(cfg)
-    objective_settings(cfg)
+    training_objective(cfg)
     target_regex(settings(cfg.lora))
     settings(cfg.export).validate(allow_none=True)
     if cfg.eval.enabled:  # a typo in eval.* must not wait for the end of training to show
@@ -101,7 +95,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     model, tokenizer, _ = load(path, device, cfg.model.dtype, load_in_4bit=cfg.model.load_in_4bit,
                                attn=cfg.model.attn_implementation)
     canvas_length = model.config.canvas_length
-    objective = objective_settings(cfg, tokenizer)
+    objective = training_objective(cfg, tokenizer)
     splits = load_splits(data_settings, tokenizer, canvas_length)
     train_rows, train_ex, train_stats, eval_rows, eval_ex, eval_stats = splits
 

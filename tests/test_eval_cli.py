@@ -55,7 +55,7 @@ def main_in_process(capsys, monkeypatch, *args):
         (["eval.nope=1"], "unknown config key 'eval.nope'"),
         (["eval.scorers=[exactmatch]"], "unknown scorer 'exactmatch'"),
         (["eval.sweep={param:temperature,values:[1]}"], "eval.sweep.param='temperature'"),
-        (["eval.sweep={param:entropy_bound,values:[]}"], "eval.sweep.values is empty"),
+        (["eval.sweep={param:entropy_bound,values:[x]}"], "eval.sweep entropy_bound=x: not a number"),
         (["eval.sweep={param:entropy_bound,values:[0.1,-1]}"], "eval.sweep entropy_bound=-1: `entropy_bound` must be"),
         (["eval.generation.t_min=0.9"], "eval.generation: `t_max` must be >= t_min"),
         (["--cfg", "nope"], "--cfg takes job, hydra, all (got nope)"),
