@@ -146,7 +146,8 @@ class ObjectiveConfig:
         if self.encoder_ar_weight < 0:
             raise ValueError(f"objective.encoder_ar_weight={self.encoder_ar_weight} must be >= 0")
         if self.corruption == "mask" and self.mask_token_id is None:
-            raise ValueError("objective.corruption=mask needs objective.mask_token_id (the tokenizer has no mask token)")
+            raise ValueError("objective.corruption=mask needs objective.mask_token_id "
+                             "(the tokenizer has no mask token)")
 
 
 REPORT_TO = ("tensorboard", "none", "wandb", "trackio")
@@ -395,7 +396,8 @@ def compose(overrides: list, return_hydra_config: bool = False) -> DictConfig:
 
     recipe = recipe_choice(overrides)
     if recipe not in recipe_names():
-        raise UserError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())} (files in {RECIPES_DIR})")
+        raise UserError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())} "
+                        f"(files in {RECIPES_DIR})")
     register()
     GlobalHydra.instance().clear()
     try:

@@ -156,7 +156,8 @@ def adapter_base(adapter: str) -> str:
     """The base model a saved PEFT adapter belongs to, from its adapter_config.json (ours, or any stock peft one)."""
     config_path = os.path.join(adapter, "adapter_config.json")
     if not os.path.isdir(adapter):
-        raise UserError(f"adapter={adapter!r} does not exist: give a PEFT adapter directory, e.g. outputs/<run>/adapter")
+        raise UserError(f"adapter={adapter!r} does not exist: give a PEFT adapter directory, e.g. "
+                        "outputs/<run>/adapter")
     if not os.path.isfile(config_path):
         raise UserError(f"adapter={adapter!r} holds no adapter_config.json: point it at a PEFT adapter directory")
     try:

@@ -187,7 +187,8 @@ def diffusion_loss(
         # First pass without gradient, exactly like generation's first denoising step (zero SC signal).
         with torch.no_grad():
             sc_logits = project(model, decode(model, row_canvas, cache, row_starts)).to(model.lm_head.weight.dtype)
-    hidden = decode(model, row_canvas, cache, row_starts, sc_logits, self_conditioning if sc_logits is not None else None)
+    sc_mask = self_conditioning if sc_logits is not None else None
+    hidden = decode(model, row_canvas, cache, row_starts, sc_logits, sc_mask)
     hidden = hidden.view(bsz, k_slots, canvas_length, -1)[target_example, slot]  # (T, C, H), target order
 
     counted = corrupted if cfg.loss_on == "corrupted" else supervised

@@ -88,7 +88,6 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         cfg.output_dir = run_dir
     check(cfg, run_dir)
     device = resolve_device(cfg.hardware.device)
-    torch.manual_seed(cfg.seed)
     data_settings = settings(cfg.data)
 
     path = base_model_path(settings(cfg.model), cfg.cache_dir)
@@ -108,6 +107,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     print(f"data: train {train_stats.kept}/{train_stats.read} rows kept ({train_stats.targets} turns), "
           f"eval {eval_stats.kept}/{eval_stats.read} (details: {run_dir}/preflight.txt)")
 
+    # Seeded here, not at the start: pre-training the tiny base on a cold cache draws from the same generator, and
+    # the LoRA initialisation must not depend on whether the base was cached.
+    torch.manual_seed(cfg.seed)
     peft_model = attach_lora(model, settings(cfg.lora))
     trainable, total = count_parameters(peft_model)
     print(f"model: {path} | canvas {canvas_length} | LoRA trainable {trainable:,} of {total:,} parameters")

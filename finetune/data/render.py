@@ -34,7 +34,8 @@ def conversation(row: dict, settings: DataSettings) -> list[dict] | None:
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list):
-            raise BadRow(f"column 'messages' must be a list of {{role, content}} objects, got {type(messages).__name__}")
+            raise BadRow("column 'messages' must be a list of {role, content} objects, got "
+                         f"{type(messages).__name__}")
     elif "prompt" in row and "completion" in row:
         messages = _as_messages(row["prompt"], "prompt") + _as_messages(row["completion"], "completion")
     elif "text" in row:

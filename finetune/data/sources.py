@@ -91,7 +91,8 @@ def _read_json(path: str) -> list[Row]:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); for one object per line use .jsonl") from None
+        raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); for one object per line use "
+                        ".jsonl") from None
     if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
         n = len(next(iter(value.values())))
         value = [{k: v[i] for k, v in value.items()} for i in range(n)]
@@ -122,7 +123,8 @@ def _first_line(e: BaseException) -> str:
 def _read_file(path: str, settings: DataSettings, stats: Stats) -> list[Row]:
     ext = os.path.splitext(path)[1].lower()
     if ext not in FILE_BUILDERS:
-        raise UserError(f"data file {path}: unsupported extension {ext or '(none)'}; use .jsonl, .json, .parquet or .csv")
+        raise UserError(f"data file {path}: unsupported extension {ext or '(none)'}; use .jsonl, .json, .parquet "
+                        "or .csv")
     if os.path.getsize(path) == 0:
         raise UserError(f"data file {path} is empty: it holds no rows")
     if ext == ".jsonl":

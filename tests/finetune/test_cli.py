@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # the repository root
 
 
 def run_cli(*args, env_extra=None, timeout=120):
@@ -122,7 +122,8 @@ def test_hydra_flags_work(tmp_path):
     hydra_cfg = run_cli("--cfg", "hydra")
     assert hydra_cfg.returncode == 0 and "sweep:" in hydra_cfg.stdout and "multirun/" in hydra_cfg.stdout
     usage = run_cli("--help")
-    assert usage.returncode == 0 and "-m key=a,b" in usage.stdout and "recipe: chat_rtx, chat_spark, tiny" in usage.stdout
+    assert usage.returncode == 0 and "-m key=a,b" in usage.stdout
+    assert "recipe: chat_rtx, chat_spark, tiny" in usage.stdout
     # tab completion: `eval "$(finetune -sc install=bash)"` makes bash ask the installed command for candidates
     app = os.path.join(os.path.dirname(sys.executable), "finetune")
     completion = subprocess.run([app, "-sc", "query=bash"], capture_output=True, text=True, timeout=120,

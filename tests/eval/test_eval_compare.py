@@ -166,8 +166,7 @@ def test_report_files_benchmark_and_sweep(tokenizer, data, tmp_path):
     randomise_lora_b(peft_model)
     cfg = eval_cfg(benchmark=dict(name="copy", source="tiny:copy", scorers=["exact_match"], max_examples=4),
                    sweep=dict(param="max_denoising_steps", values=[1, 4]))
-    report = compare(peft_model, tokenizer, pairs, examples, ObjectiveConfig(), CANVAS, cfg,
-                     out_dir=str(tmp_path))
+    compare(peft_model, tokenizer, pairs, examples, ObjectiveConfig(), CANVAS, cfg, out_dir=str(tmp_path))
     for name in ("report.json", "report.md", "loss_by_t.png", "scores.png", "sweep.png"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "report.json").read_text())

@@ -22,9 +22,7 @@ from finetune.export import cli, merge, staging, verify
 from finetune.model import LoraSettings, attach_lora
 from finetune.run import save_adapter
 
-from conftest import make_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, make_model
 CANVAS = 8
 METRICS = {
     "run_name": "tiny",

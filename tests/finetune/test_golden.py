@@ -27,7 +27,8 @@ def test_first_losses_are_pinned(tokenizer, tmp_path, preset):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
     examples, _ = build_examples(task_rows("shift", 64, 0), tokenizer, DataSettings(), 8, "golden")
-    objective = ObjectiveConfig() if preset == "default" else ObjectiveConfig(loss_on="corrupted", weighting="inverse_t")
+    objective = ObjectiveConfig() if preset == "default" else ObjectiveConfig(loss_on="corrupted",
+                                                                              weighting="inverse_t")
     settings = TrainSettings(max_steps=4, batch_size=4, grad_accum=1, lr=1e-2, warmup_steps=0, logging_steps=1, seed=0,
                              report_to="none",
                              disable_tqdm=True)

@@ -39,7 +39,8 @@ def generate_logits(model, context_ids, noisy, sc_logits=None):
 
 def make_batch(tokenizer, prompts, responses, canvas_length):
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    examples = [fill_response(enc(p), enc(r), canvas_length, tokenizer.eos_token_id) for p, r in zip(prompts, responses)]
+    eos = tokenizer.eos_token_id
+    examples = [fill_response(enc(p), enc(r), canvas_length, eos) for p, r in zip(prompts, responses)]
     for e in examples:  # the encoder's sequence holds the real response only; the fill lives in the target
         e.input_ids = e.input_ids[: e.prompt_len] + e.targets[0].tokens
     return collate(examples, tokenizer.pad_token_id), examples

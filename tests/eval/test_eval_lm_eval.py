@@ -2,7 +2,6 @@
 likelihood requests fail with a message that says why."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,13 +12,11 @@ lm_eval = pytest.importorskip("lm_eval", reason='lm-evaluation-harness is not in
                               "to run the lm-eval model tests")
 
 import torch  # noqa: E402
-from conftest import make_model  # noqa: E402
+from conftest import ROOT, make_model  # noqa: E402
 from eval.generation import GenerationSettings, generate  # noqa: E402
 from finetune.tiny import generation_config, task_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TASK_YAML = """task: {name}
 dataset_path: json
