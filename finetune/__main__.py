@@ -47,6 +47,9 @@ def check(argv: list) -> int:
         overrides, multirun = hydra_flags(args)
         if cfg_mode and multirun:
             raise UserError("give -m (run a sweep) or --cfg (print the config), not both")
+        if multirun and any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in overrides):
+            raise UserError("output_dir names one run; a -m sweep puts each job in hydra.sweep.dir/<job number>: "
+                            "give hydra.sweep.dir=DIR instead")
         from omegaconf import OmegaConf, open_dict
 
         from finetune.run import check as check_run
@@ -54,6 +57,10 @@ def check(argv: list) -> int:
         for overrides_of_job in jobs(overrides, multirun):
             cfg = compose(overrides_of_job, return_hydra_config=True)
             run_dir = None if multirun else os.path.abspath(str(cfg.hydra.run.dir))
+            sweep_dir = os.path.abspath(str(cfg.hydra.sweep.dir))
+            if multirun and os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
+                raise UserError(f"hydra.sweep.dir={sweep_dir} already holds runs: choose another (nothing "
+                                "overwritten)")
             with open_dict(cfg):
                 del cfg["hydra"]
             OmegaConf.resolve(cfg)
@@ -70,6 +77,9 @@ def main(argv: list | None = None) -> int:
     if code:
         return code
     register()
+    modes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--cfg", "-c")]
+    if modes and modes[-1] in ("job", "all") and "--resolve" not in argv:  # hydra alone cannot resolve ${output_dir}
+        argv = argv + ["--resolve"]  # what the run will use, as python -m eval and preflight print it
     sys.argv = [sys.argv[0]] + argv
     job()
     return 0

@@ -175,7 +175,7 @@ class TrainSettings:
     resume_from_checkpoint: Optional[str] = None  # a checkpoint directory under <run>/checkpoints, to continue a run
     disable_tqdm: bool = False
     # where the loss, its parts, lr and grad norm go live: tensorboard (into <run>/tensorboard) | none | wandb |
-    # trackio; several: "tensorboard,wandb"
+    # trackio; several, quoted for Hydra: train.report_to='tensorboard,wandb'
     report_to: str = "tensorboard"
 
     def __post_init__(self):

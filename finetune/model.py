@@ -70,6 +70,21 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def check_architecture(path: str) -> None:
+    """Refuse a checkpoint of another architecture before its weights load (they would fail deep inside
+    from_pretrained, or load into the wrong shapes)."""
+    from transformers import AutoConfig, DiffusionGemmaConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the config of {path!r}: {str(e).splitlines()[0]}") from None
+    if model_type != DiffusionGemmaConfig.model_type:
+        raise UserError(f"{path} is a {model_type!r} checkpoint, not DiffusionGemma "
+                        f"({DiffusionGemmaConfig.model_type!r}): give a DiffusionGemma base (or an adapter trained "
+                        "on one)")
+
+
 def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = False, attn: str = "sdpa"):
     kwargs = dict(dtype=dtype, attn_implementation=attn)
     if load_in_4bit:
@@ -204,6 +219,12 @@ def adapter_placement(adapter: str) -> str:
     return "shared" if same else "separate"
 
 
+def tokenizer_for(path: str, adapter: str | None = None):
+    """The adapter's tokenizer when it carries one (ours do), else the base's."""
+    has_own = adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
+    return load_tokenizer(adapter if has_own else path)
+
+
 def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None, load_in_4bit: bool = False,
          attn: str = "sdpa"):
     """The one way to load a base model, optionally with a saved adapter, and the tokenizer that goes with them.
@@ -214,12 +235,11 @@ def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None
     as `lora.placement=shared` trains it), which changes nothing in its outputs.
     Returns (model, tokenizer, placement): placement is None without an adapter.
     """
-    has_tokenizer = adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
-    tokenizer = load_tokenizer(adapter if has_tokenizer else path)
+    check_architecture(path)  # a wrong base or adapter fails before 52 GB load, with its reason
+    placement = adapter_placement(adapter) if adapter else None
+    tokenizer = tokenizer_for(path, adapter)
     model = load_model(path, dtype_for(dtype, device), device, load_in_4bit, attn)
-    placement = None
     if adapter:
-        placement = adapter_placement(adapter)
         model = PeftModel.from_pretrained(model, adapter)
         if placement == "shared":
             tie_encoder_lora(model)

@@ -6,6 +6,7 @@ written (`check`); the run directory is Hydra's (`hydra.run.dir`, which follows 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -53,6 +54,10 @@ def check(cfg: DictConfig, run_dir: str | None = None) -> None:
         validate(OmegaConf.to_container(cfg.eval))
     if cfg.model.name_or_path != "tiny":
         resolve_model_path(cfg.model.name_or_path)
+    for name in settings(cfg.train).report_to_list():  # Trainer would fail only once training starts
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"train.report_to={cfg.train.report_to!r}: {name} is not installed: pip install {name}, "
+                            "or train.report_to=none")
     run_dir = run_dir or cfg.output_dir
     if run_dir and os.path.exists(os.path.join(run_dir, "adapter")):
         raise UserError(f"output_dir {run_dir} already holds an adapter: choose another output_dir (nothing "

@@ -78,7 +78,8 @@ def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use
         save_steps=settings.save_steps or 500,
         save_total_limit=settings.save_total_limit,
         gradient_checkpointing=settings.gradient_checkpointing,
-        # non-reentrant: the frozen embeddings give the checkpointed inputs no grad (tests/test_lora.py checks it)
+        # non-reentrant: the frozen embeddings give the checkpointed inputs no grad (tests/finetune/test_lora.py
+        # checks it)
         gradient_checkpointing_kwargs={"use_reentrant": False},
         seed=settings.seed,
         data_seed=settings.seed,

@@ -49,16 +49,15 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
     settings.validate()
     src: Source = read_run(run_dir) if run_dir is not None else read_adapter(adapter)
     outs = staging.output_dirs(settings, src.export_dir)
-    from finetune.model import load_tokenizer, resolve_device, resolve_model_path
+    from finetune.model import resolve_device, resolve_model_path, tokenizer_for
 
     device = device or resolve_device(settings.device, key="device")
     owned = model is None
     if owned:
         log(f"export: loading {src.base_model} with the adapter {src.adapter_dir}")
         model, tokenizer = load_finetuned(src, device)
-    elif tokenizer is None:  # the adapter's tokenizer when it carries one (ours do), else the base's
-        has_own = os.path.isfile(os.path.join(src.adapter_dir, "tokenizer_config.json"))
-        tokenizer = load_tokenizer(src.adapter_dir if has_own else resolve_model_path(src.base_model))
+    elif tokenizer is None:
+        tokenizer = tokenizer_for(resolve_model_path(src.base_model), src.adapter_dir)
     model.eval()
     base = model.get_base_model()
     src.canvas_length = base.config.canvas_length
@@ -151,6 +150,15 @@ def _push(results: dict, repo_id: str):
         r["hub"] = repo
 
 
+def _job_overrides() -> list:
+    """This job's own overrides (one combination of a -m sweep), or the command line outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return sys.argv[1:]
+
+
 def export_at_end_of_run(run_dir: str, cfg, peft_model, tokenizer, device: str) -> dict | None:
     """The run's ``export`` config group: the same export as the CLI, from the model still in memory."""
     from finetune.config import settings as to_settings
@@ -158,7 +166,7 @@ def export_at_end_of_run(run_dir: str, cfg, peft_model, tokenizer, device: str) 
     settings = to_settings(cfg.export).validate(allow_none=True)
     if settings.format == "none":
         return None
-    command = "python -m finetune " + shlex.join(sys.argv[1:])
+    command = "python -m finetune " + shlex.join(_job_overrides())
     try:
         return export_run(run_dir, settings, peft_model, tokenizer, command=command, device=device)
     except UserError as e:

@@ -15,7 +15,7 @@ from finetune.errors import UserError
 # model to bfloat16 alone moves its logits by ~0.5 (bf16 steps near 30 are 0.125, so 8 steps are 1.0); a bfloat16
 # tolerance of 0.5 would reject correct merges, so it is 1.0, and when the fine-tuned model is float32 the
 # tolerance also grows to 1.5x what that cast costs, measured on the same inputs. README.md states these numbers
-# (tests/test_export.py compares them).
+# (tests/finetune/test_export.py compares them).
 TOLERANCE = {"float32": 1e-3, "bfloat16": 1.0, "float16": 0.25}
 # And the export must keep the adapter's effect: its error stays below this fraction of max |fine-tuned - base|.
 # This is the check that catches merge bugs at any precision: a missing or doubled delta costs ~100% of the

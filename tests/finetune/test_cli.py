@@ -99,12 +99,13 @@ def test_invalid_settings_fail_before_any_work(tmp_path, args, expected):
 
 
 def test_a_failed_start_leaves_no_run_directory(tmp_path):
-    """The hub cannot be reached here: the tokenizer error is one line and outputs/ stays empty (Hydra creates the
+    """The hub cannot be reached here: the error is one line and outputs/ stays empty (Hydra creates the
     run directory before the job starts; the job removes it when it wrote nothing of its own)."""
     result = subprocess.run([sys.executable, "-m", "finetune", "recipe=chat_spark", "hardware=cpu"], cwd=tmp_path,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "could not load the tokenizer" in result.stderr and "Traceback" not in result.stderr
+    assert "could not read the config of 'google/diffusiongemma-26B-A4B-it'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists() or not os.listdir(tmp_path / "outputs"), os.listdir(tmp_path / "outputs")
 
 
@@ -144,15 +145,18 @@ def test_every_default_lives_once():
     schema = OmegaConf.structured(Config)
     restated = []
 
+    def plain(node):
+        return OmegaConf.to_container(node) if OmegaConf.is_list(node) else node
+
     def walk(node, schema_node, where):
         for key, value in node.items():
             if key in ("defaults", "hydra") or schema_node is None or key not in schema_node:
                 continue
-            default = schema_node[key] if not OmegaConf.is_config(schema_node[key]) else schema_node[key]
+            default = schema_node[key]
             if OmegaConf.is_dict(value) and OmegaConf.is_dict(default):
                 walk(value, default, f"{where}{key}.")
-            elif not OmegaConf.is_config(value) and not OmegaConf.is_config(default) and value == default:
-                restated.append(f"{where}{key}={value}")
+            elif not OmegaConf.is_dict(value) and not OmegaConf.is_dict(default) and plain(value) == plain(default):
+                restated.append(f"{where}{key}={plain(value)}")  # scalars and lists alike
 
     conf = os.path.join(ROOT, "finetune", "conf")
     for path in glob.glob(os.path.join(conf, "*", "*.yaml")):
@@ -202,3 +206,39 @@ def test_multirun_and_run_dir(default_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (placed / "adapter" / "adapter_config.json").is_file() and not (tmp_path / "outputs").exists()
     assert yaml.safe_load((placed / "config.yaml").read_text())["output_dir"] == str(placed)
+
+
+def test_a_base_of_another_architecture_is_one_line_and_leaves_nothing(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=64).save_pretrained(tmp_path / "llama")
+    result = run_cli(f"model.name_or_path={tmp_path / 'llama'}", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is a 'llama' checkpoint, not DiffusionGemma" in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_logger_that_is_not_installed_is_refused_before_anything_is_written(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("trackio") is not None:
+        pytest.skip("trackio is installed here")
+    result = run_cli("train.report_to='tensorboard,trackio'", f"output_dir={tmp_path / 'run'}")  # Hydra: quote commas
+    assert result.returncode == 2 and "trackio is not installed: pip install trackio" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_refuses_output_dir_and_a_used_sweep_dir(tmp_path):
+    result = run_cli("-m", "train.lr=1e-3,2e-3", f"output_dir={tmp_path / 'one'}")
+    assert result.returncode == 2 and "give hydra.sweep.dir=DIR instead" in result.stderr
+    (tmp_path / "sweep" / "0").mkdir(parents=True)
+    result = run_cli("-m", "train.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2 and "already holds runs" in result.stderr
+    assert os.listdir(tmp_path / "sweep") == ["0"]  # nothing of Hydra's written into it
+
+
+def test_cfg_job_prints_values_not_interpolations():
+    result = run_cli("--cfg", "job")
+    assert result.returncode == 0 and "${" not in result.stdout, result.stdout[:1000]

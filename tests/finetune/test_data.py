@@ -168,7 +168,8 @@ def generation_prompt_ids(tokenizer, messages):
 
 
 def test_overlong_rows_are_dropped_or_truncated_and_counted(tokenizer):
-    long_answer = {"prompt": "q", "completion": "x" * 40}  # 40 + 2 tokens + EOS: 6 canvases of 8
+    answer = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN"  # distinct letters: which end was kept shows
+    long_answer = {"prompt": "q", "completion": answer}  # 40 + 2 tokens + EOS: 6 canvases of 8
     long_prompt = {"messages": OLD_THEN_NEW}  # 171 prompt tokens, the oldest 120 of them one long user turn
     ok = {"prompt": "q", "completion": "fine"}
     examples, stats = build([long_answer, long_prompt, ok], tokenizer, max_response_canvases=2,
@@ -180,7 +181,8 @@ def test_overlong_rows_are_dropped_or_truncated_and_counted(tokenizer):
                             overlong="truncate")
     assert stats.kept == 2 and stats.truncated == 2
     cut = examples[0].targets[0]
-    assert cut.num_canvases == 2 and cut.response_len == 16 and cut.tokens == cut.tokens[:16]  # no EOS: cut, not ended
+    assert cut.num_canvases == 2 and cut.response_len == 16 and len(cut.tokens) == 16  # no EOS fill: cut, not ended
+    assert tokenizer.decode(cut.tokens) == answer[:16]  # the answer's start, in whole canvases
     assert tokenizer.eos_token_id not in cut.tokens
     short = examples[1]
     full = generation_prompt_ids(tokenizer, OLD_THEN_NEW[:-1])
