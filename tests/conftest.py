@@ -17,6 +17,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the real entry points (still run in CI)")
 
 
+def assert_one_line_error(result, expected: str):
+    """A command refused bad input as users should meet it: exit code 2, one `error:` line naming the problem, no
+    traceback."""
+    assert result.returncode == 2, (result.stdout[-500:], result.stderr[-1500:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from finetune.tiny import build_tokenizer

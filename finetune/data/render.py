@@ -265,11 +265,3 @@ def eval_prompts(rows, tokenizer, settings: DataSettings) -> list[tuple[str, str
         question = question if isinstance(question, str) else "".join(p["text"] for p in question)
         out.append((renderer.prompt_text(messages[:-1]), answer, question))
     return out
-
-
-def render(row: dict, tokenizer, settings: DataSettings, where: str = "row") -> tuple[str, str]:
-    """(generation prompt text, reference answer) of one row."""
-    pairs = eval_prompts([row], tokenizer, settings)
-    if not pairs:
-        raise UserError(f"{where}: the row cannot be rendered")
-    return pairs[0][0], pairs[0][1]

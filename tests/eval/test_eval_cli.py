@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT  # the repository root
+from conftest import ROOT, assert_one_line_error
 
 
 def run_eval(*args, env=None, timeout=120):
@@ -24,14 +24,6 @@ def fake_adapter(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path)}))
     return adapter
-
-
-def assert_one_line_error(result, expected):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_bad_input_from_the_shell_is_one_line_exit_2():

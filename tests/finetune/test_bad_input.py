@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT  # the repository root
+from conftest import ROOT, assert_one_line_error
 
 
 def jsonl(*rows):
@@ -79,12 +79,7 @@ def test_malformed_input_is_one_clear_line_and_exit_2(tmp_path, name, filename, 
         [sys.executable, "-m", "finetune.preflight", f"data.train={path}", f"data.eval={path}", f"output_dir={out}",
          *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2, (result.stdout[-500:], result.stderr[-1500:])
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert expected.format(tmp=tmp_path) in lines[0], lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    assert_one_line_error(result, expected.format(tmp=tmp_path))
     assert not out.exists()
 
 
