@@ -66,7 +66,8 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     torch.manual_seed(cfg.seed)
     path = resolve_model_path(base) if adapter else base_model_path(settings(cfg.model), cfg.cache_dir)
     model, tokenizer, placement = load(path, device, cfg.model.dtype, adapter=adapter,
-                                       load_in_4bit=cfg.model.load_in_4bit, attn=cfg.model.attn_implementation)
+                                       load_in_4bit=cfg.model.load_in_4bit, attn=cfg.model.attn_implementation,
+                                       experts=cfg.model.experts_implementation)
     canvas_length = (model.get_base_model() if adapter else model).config.canvas_length
     objective = objective_settings(cfg.objective, tokenizer)
     data = settings(cfg.data)

@@ -42,13 +42,24 @@ class TinyBaseSettings:
     seed: int = 0
 
 
+EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
+
+
 @dataclass
 class ModelSettings:
     name_or_path: str = "tiny"  # tiny (built in), a hub id (google/diffusiongemma-26B-A4B-it) or a local directory
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU | float32 | bfloat16 | float16
     load_in_4bit: bool = False  # bitsandbytes NF4 for the dense text linears (~6 GB saved); the 46 GB of experts stay
     attn_implementation: str = "sdpa"  # the training masks are boolean 4-D masks, which sdpa takes as they are
+    # how the 128 frozen experts run: auto (eager on CPU, grouped_mm on CUDA: bench/experts.py) | eager |
+    # grouped_mm | batched_mm (copies each token's expert weights: inference only)
+    experts_implementation: str = "auto"
     tiny: TinyBaseSettings = field(default_factory=TinyBaseSettings)  # used only when name_or_path is tiny
+
+    def __post_init__(self):
+        if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+            raise UserError(f"model.experts_implementation={self.experts_implementation!r}: use one of "
+                            f"{', '.join(EXPERTS_IMPLEMENTATIONS)}")
 
 
 @dataclass
@@ -170,7 +181,10 @@ class TrainSettings:
     logging_steps: int = 10
     save_steps: int = 0  # 0: no intermediate checkpoints (the adapter is always saved at the end)
     save_total_limit: int = 2
-    gradient_checkpointing: bool = False  # true trades decoder recompute for activation memory
+    # true: encoder and decoder layers are recomputed in backward instead of keeping their activations
+    gradient_checkpointing: bool = False
+    # true: torch.compile each text layer (regional: one compile serves all layers); pays only on long runs
+    compile: bool = False
     seed: int = 0  # linked to the run's seed in conf/config.yaml
     resume_from_checkpoint: Optional[str] = None  # a checkpoint directory under <run>/checkpoints, to continue a run
     disable_tqdm: bool = False

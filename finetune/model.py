@@ -85,8 +85,18 @@ def check_architecture(path: str) -> None:
                         "on one)")
 
 
-def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = False, attn: str = "sdpa"):
-    kwargs = dict(dtype=dtype, attn_implementation=attn)
+def experts_for(requested: str, device: str) -> str:
+    """``auto``: the fastest implementation of the frozen experts for LoRA training on the device, measured by
+    bench/experts.py (forward + backward to the tokens): eager on CPU (grouped_mm is 2-5x slower there at real
+    expert sizes), grouped_mm on CUDA (one kernel for all experts; transformers' own default)."""
+    if requested != "auto":
+        return requested
+    return "grouped_mm" if device == "cuda" else "eager"
+
+
+def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = False, attn: str = "sdpa",
+               experts: str = "auto"):
+    kwargs = dict(dtype=dtype, attn_implementation=attn, experts_implementation=experts_for(experts, device))
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -226,7 +236,7 @@ def tokenizer_for(path: str, adapter: str | None = None):
 
 
 def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None, load_in_4bit: bool = False,
-         attn: str = "sdpa"):
+         attn: str = "sdpa", experts: str = "auto"):
     """The one way to load a base model, optionally with a saved adapter, and the tokenizer that goes with them.
 
     Every command uses it: training (no adapter), evaluation, export, the lm-eval model. ``path`` is a resolved
@@ -238,7 +248,7 @@ def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None
     check_architecture(path)  # a wrong base or adapter fails before 52 GB load, with its reason
     placement = adapter_placement(adapter) if adapter else None
     tokenizer = tokenizer_for(path, adapter)
-    model = load_model(path, dtype_for(dtype, device), device, load_in_4bit, attn)
+    model = load_model(path, dtype_for(dtype, device), device, load_in_4bit, attn, experts)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
         if placement == "shared":

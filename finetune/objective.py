@@ -8,8 +8,10 @@ One training forward per batch:
      (optionally twice: a no-grad pass whose logits self-condition the second);
   4. cross-entropy on the positions the settings select, plus an optional next-token loss on the encoder.
 
-Logits are computed only at the positions a loss reads: for the real model one canvas of logits is
-256 x 262,144 floats (268 MB in fp32) per example.
+Logits are computed only at the positions a loss reads, and then a chunk at a time (`finetune.head`): for the real
+model one canvas of logits is 256 x 262,144 floats (268 MB in fp32) per example, the encoder loss's 1,000 responses
+tokens 1 GB. ``lean=False`` is the stock path a plain ``model(...).logits`` recipe runs (full logits for every canvas
+position of both passes and every encoder position): the benchmark's baseline and the tests' reference.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers import DynamicCache
 from finetune.canvas import decoder_masks, encoder_masks
 from finetune.config import ObjectiveConfig
 from finetune.errors import UserError
+from finetune.head import lean_head, soft_embeddings, softcapped_cross_entropy
 
 @dataclass
 class LossOutput:
@@ -57,6 +60,29 @@ def project(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.lm_head(hidden).float()
     cap = model.final_logit_softcapping
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor, lean: bool = True) -> torch.Tensor:
+    """Per-position CE of the soft-capped head at ``hidden`` (N, H): chunked when the head allows it."""
+    if lean and lean_head(model.lm_head):
+        return softcapped_cross_entropy(model.lm_head, hidden, targets, model.final_logit_softcapping)
+    return F.cross_entropy(project(model, hidden), targets, reduction="none")
+
+
+class _SelfConditioning:
+    """Hands the decoder precomputed self-conditioning embeddings (instead of full logits for it to turn into
+    them): a pre-hook on its self-conditioning block replaces the zero signal it builds when given no logits."""
+
+    def __init__(self, model, embeddings: torch.Tensor, mask: torch.Tensor):
+        self.block = model.model.decoder.self_conditioning
+        self.signal = embeddings * mask.to(embeddings.dtype)[:, None, None]
+
+    def __enter__(self):
+        self.handle = self.block.register_forward_pre_hook(lambda module, args: (args[0], self.signal))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 def _layers_sliding_window(text_config) -> int | None:
@@ -127,13 +153,15 @@ def diffusion_loss(
     canvas_index: torch.Tensor | None = None,
     self_conditioning: torch.Tensor | None = None,
     noisy: torch.Tensor | None = None,
+    lean: bool = True,
 ) -> LossOutput:
     """Compute the block-diffusion loss for a collated batch (see `finetune.canvas.collate`).
 
     Every target (assistant turn) gets one canvas, chosen uniformly among its canvases, its own t and noise;
     all targets of an example share one encoder pass and go through one decoder call. ``t``, ``canvas_index``,
     ``self_conditioning`` (per example) and ``noisy`` (the corrupted canvases) fix what is otherwise sampled, for
-    evaluation at fixed noise levels and for tests; ``generator`` makes the sampling reproducible.
+    evaluation at fixed noise levels and for tests; ``generator`` makes the sampling reproducible. ``lean=False``
+    runs the stock full-logits path (same loss and gradients, far more memory).
     """
     ids = batch["input_ids"]
     device = ids.device
@@ -182,17 +210,29 @@ def diffusion_loss(
     if self_conditioning is None:
         self_conditioning = _rand(bsz, generator, device) < cfg.self_conditioning_p
     self_conditioning = self_conditioning.to(device)
-    sc_logits = None
-    if bool(self_conditioning.any()):
-        # First pass without gradient, exactly like generation's first denoising step (zero SC signal).
+    if not bool(self_conditioning.any()):
+        hidden = decode(model, row_canvas, cache, row_starts)
+    elif lean and lean_head(model.lm_head):
+        # First pass without gradient, exactly like generation's first denoising step (zero SC signal); the second
+        # pass gets the embeddings its self-conditioning block reads, built a chunk of logits at a time.
+        with torch.no_grad():
+            first = decode(model, row_canvas, cache, row_starts)
+        signal = soft_embeddings(model.lm_head, model.model.decoder.embed_tokens, first, model.final_logit_softcapping)
+        del first
+        with _SelfConditioning(model, signal, self_conditioning):
+            hidden = decode(model, row_canvas, cache, row_starts)
+    else:
         with torch.no_grad():
             sc_logits = project(model, decode(model, row_canvas, cache, row_starts)).to(model.lm_head.weight.dtype)
-    sc_mask = self_conditioning if sc_logits is not None else None
-    hidden = decode(model, row_canvas, cache, row_starts, sc_logits, sc_mask)
+        hidden = decode(model, row_canvas, cache, row_starts, sc_logits, self_conditioning)
+        del sc_logits
     hidden = hidden.view(bsz, k_slots, canvas_length, -1)[target_example, slot]  # (T, C, H), target order
 
     counted = corrupted if cfg.loss_on == "corrupted" else supervised
-    ce = F.cross_entropy(project(model, hidden[counted]), targets[counted], reduction="none")
+    if lean:
+        ce = cross_entropy(model, hidden[counted], targets[counted])
+    else:  # stock: logits of every canvas position, then the counted ones
+        ce = F.cross_entropy(project(model, hidden)[counted], targets[counted], reduction="none")
     weights = (1.0 / t)[:, None].expand_as(counted)[counted] if cfg.weighting == "inverse_t" else torch.ones_like(ce)
     per_target = torch.zeros(n_targets, device=device).index_add(
         0, torch.arange(n_targets, device=device)[:, None].expand_as(counted)[counted], ce * weights
@@ -207,8 +247,11 @@ def diffusion_loss(
     ar = torch.zeros((), device=device)
     if cfg.encoder_ar_weight > 0:
         # Next-token loss on each target's response (and the final EOS), read from the encoder's hidden states.
-        target_mask = batch["ar_mask"].to(device)
-        ar = F.cross_entropy(project(model, enc_hidden[:, :-1][target_mask[:, 1:]]), ids[:, 1:][target_mask[:, 1:]])
+        reads = batch["ar_mask"].to(device)[:, 1:]
+        if lean:
+            ar = cross_entropy(model, enc_hidden[:, :-1][reads], ids[:, 1:][reads]).mean()
+        else:  # stock: logits of every encoder position
+            ar = F.cross_entropy(project(model, enc_hidden)[:, :-1][reads], ids[:, 1:][reads])
     loss = diff + cfg.encoder_ar_weight * ar if cfg.encoder_ar_weight > 0 else diff
     return LossOutput(
         loss=loss,

@@ -97,7 +97,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
 
     path = base_model_path(settings(cfg.model), cfg.cache_dir)
     model, tokenizer, _ = load(path, device, cfg.model.dtype, load_in_4bit=cfg.model.load_in_4bit,
-                               attn=cfg.model.attn_implementation)
+                               attn=cfg.model.attn_implementation, experts=cfg.model.experts_implementation)
     canvas_length = model.config.canvas_length
     objective = training_objective(cfg, tokenizer)
     splits = load_splits(data_settings, tokenizer, canvas_length)

@@ -12,6 +12,7 @@ import os
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
+from finetune import checkpointing
 from finetune.canvas import Example, collate
 from finetune.config import TrainSettings
 from finetune.objective import ObjectiveConfig, diffusion_loss
@@ -77,10 +78,7 @@ def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use
         save_strategy="steps" if settings.save_steps else "no",
         save_steps=settings.save_steps or 500,
         save_total_limit=settings.save_total_limit,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        # non-reentrant: the frozen embeddings give the checkpointed inputs no grad (tests/finetune/test_lora.py
-        # checks it)
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing=False,  # ours covers the encoder too: see prepare()
         seed=settings.seed,
         data_seed=settings.seed,
         bf16=bf16,
@@ -93,6 +91,22 @@ def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use
     )
 
 
+def prepare(model, settings: TrainSettings) -> None:
+    """What a step runs through: checkpointed encoder and decoder layers, compiled layers."""
+    if settings.gradient_checkpointing:
+        checkpointing.enable(model)
+    if settings.compile:
+        compile_layers(model)
+
+
+def compile_layers(model, **options) -> None:
+    """Regional compilation: each text layer's forward compiled on its own, so one compiled graph serves every
+    layer of a kind (sliding or full attention) instead of one huge graph for the whole model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in [*base.model.encoder.language_model.layers, *base.model.decoder.layers]:
+        layer.compile(**options)
+
+
 def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, canvas_length: int, pad_id: int,
         output_dir: str, bf16: bool = False, use_cpu: bool = True, callbacks=None,
         log_dir: str | None = None) -> DiffusionTrainer:
@@ -102,6 +116,7 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
     to ``log_dir`` (the run directory's tensorboard/, not Trainer's default checkpoints/runs/<time>_<host>).
     """
     callbacks = list(callbacks or [])
+    prepare(model, settings)
     if "tensorboard" in settings.report_to_list():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback

@@ -11,6 +11,7 @@ STAGES = [
     ["finetune.errors", "finetune.config", "finetune.conf"],
     ["finetune.cli"],  # the command-line prologue every command shares: config only
     ["finetune.tiny", "finetune.model"],  # the model layer: load base, adapter, tokenizer; the tiny architecture
+    ["finetune.head", "finetune.checkpointing"],  # how a step runs the model: chunked head, checkpointed layers
     ["finetune.canvas"],
     ["finetune.data"],  # sources -> rows, render -> examples, splits
     ["finetune.objective"],

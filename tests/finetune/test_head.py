@@ -1,0 +1,84 @@
+"""The chunked soft-capped head (finetune/head.py) against the full-logits path it replaces."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_lora import randomise_lora
+from test_objective import batch_of
+
+import finetune.head as head
+from finetune.model import LoraSettings, attach_lora
+from finetune.objective import ObjectiveConfig, diffusion_loss
+
+
+def full_path(hidden, weight, targets, cap):
+    logits = F.linear(hidden, weight).float()
+    logits = torch.tanh(logits / cap) * cap if cap else logits
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+@pytest.mark.parametrize("cap", [30.0, 2.0, None])
+def test_chunked_cross_entropy_matches_full_logits_in_loss_and_both_gradients(cap):
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(37, 16, generator=g) * 3).requires_grad_()
+    head_layer = torch.nn.Linear(16, 50, bias=False)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    upstream = torch.rand(37, generator=g)  # a weighted sum, as inverse_t weighting makes it
+    # 4 rows a chunk: 10 chunks, the last one short
+    lean = head.softcapped_cross_entropy(head_layer, hidden, targets, cap, chunk_bytes=4 * 50 * 4)
+    lean_grads = torch.autograd.grad((lean * upstream).sum(), [hidden, head_layer.weight])
+    full = full_path(hidden, head_layer.weight, targets, cap)
+    full_grads = torch.autograd.grad((full * upstream).sum(), [hidden, head_layer.weight])
+    torch.testing.assert_close(lean, full, atol=1e-5, rtol=1e-5)
+    for ours, ref in zip(lean_grads, full_grads):
+        assert ref.abs().max() > 1e-3  # the comparison is of something
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_cross_entropy_in_bf16_rounds_like_the_models_head():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(20, 32, generator=g).bfloat16().requires_grad_()
+    head_layer = torch.nn.Linear(32, 300, bias=False).bfloat16().requires_grad_(False)
+    targets = torch.randint(0, 300, (20,), generator=g)
+    lean = head.softcapped_cross_entropy(head_layer, hidden, targets, 30.0, chunk_bytes=7 * 300 * 4)
+    (lean_grad,) = torch.autograd.grad(lean.sum(), hidden)
+    full = full_path(hidden, head_layer.weight, targets, 30.0)
+    (full_grad,) = torch.autograd.grad(full.sum(), hidden)
+    assert lean.dtype == full.dtype == torch.float32 and lean_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(lean, full, atol=1e-5, rtol=1e-5)  # the same bf16 matmul, then fp32
+    torch.testing.assert_close(lean_grad, full_grad, atol=2e-2, rtol=2e-2)  # bf16: a rounding step apart
+
+
+def test_lean_objective_equals_stock_loss_and_lora_gradients(tiny_model, tokenizer, monkeypatch):
+    """Self-conditioning for some examples, the encoder's next-token loss on: every loss and every LoRA gradient
+    of the chunked path equals the full-logits path's."""
+    monkeypatch.setattr(head, "CHUNK_BYTES", 4 * tiny_model.config.text_config.vocab_size * 5)  # 5 rows a chunk
+    model = attach_lora(tiny_model, LoraSettings(r=4, alpha=8, placement="shared"))
+    randomise_lora(model)  # B starts at zero: give every LoRA matrix a value that matters
+    model.train()
+    base = model.get_base_model()
+    batch = batch_of(tokenizer, 4)
+    cfg = ObjectiveConfig(encoder_ar_weight=1.0)
+    sc = torch.tensor([True, False, True, True])
+
+    def run(lean, self_conditioning=sc):
+        model.zero_grad()
+        out = diffusion_loss(base, batch, cfg, 8, generator=torch.Generator().manual_seed(3), lean=lean,
+                             self_conditioning=self_conditioning)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out, grads
+
+    lean, lean_grads = run(True)
+    stock, stock_grads = run(False)
+    assert lean.ar_loss > 0 and lean.counted_tokens > 10
+    torch.testing.assert_close(lean.per_target_loss, stock.per_target_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lean.ar_loss, stock.ar_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lean.loss, stock.loss, atol=1e-5, rtol=1e-5)
+    assert lean_grads.keys() == stock_grads.keys() and len(lean_grads) > 10
+    for name, grad in stock_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(lean_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # the self-conditioning signal reached the lean path's decoder: without it the losses differ
+    unconditioned, _ = run(True, torch.zeros(4, dtype=torch.bool))
+    assert (unconditioned.per_target_loss - lean.per_target_loss)[sc].abs().min() > 1e-4
