@@ -17,15 +17,21 @@ def full_path(hidden, weight, targets, cap):
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 rows x 16 columns on CPU, bands of 4 rows elsewhere: many chunks, the last ones short."""
+    monkeypatch.setattr(head, "CPU_TILE", (4, 16))
+    monkeypatch.setattr(head, "CHUNK_BYTES", 4 * 50 * 4)
+
+
 @pytest.mark.parametrize("cap", [30.0, 2.0, None])
-def test_chunked_cross_entropy_matches_full_logits_in_loss_and_both_gradients(cap):
+def test_chunked_cross_entropy_matches_full_logits_in_loss_and_both_gradients(cap, small_tiles):
     g = torch.Generator().manual_seed(0)
     hidden = (torch.randn(37, 16, generator=g) * 3).requires_grad_()
     head_layer = torch.nn.Linear(16, 50, bias=False)
     targets = torch.randint(0, 50, (37,), generator=g)
     upstream = torch.rand(37, generator=g)  # a weighted sum, as inverse_t weighting makes it
-    # 4 rows a chunk: 10 chunks, the last one short
-    lean = head.softcapped_cross_entropy(head_layer, hidden, targets, cap, chunk_bytes=4 * 50 * 4)
+    lean = head.softcapped_cross_entropy(head_layer, hidden, targets, cap)
     lean_grads = torch.autograd.grad((lean * upstream).sum(), [hidden, head_layer.weight])
     full = full_path(hidden, head_layer.weight, targets, cap)
     full_grads = torch.autograd.grad((full * upstream).sum(), [hidden, head_layer.weight])
@@ -35,12 +41,12 @@ def test_chunked_cross_entropy_matches_full_logits_in_loss_and_both_gradients(ca
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_cross_entropy_in_bf16_rounds_like_the_models_head():
+def test_chunked_cross_entropy_in_bf16_rounds_like_the_models_head(small_tiles):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(20, 32, generator=g).bfloat16().requires_grad_()
     head_layer = torch.nn.Linear(32, 300, bias=False).bfloat16().requires_grad_(False)
     targets = torch.randint(0, 300, (20,), generator=g)
-    lean = head.softcapped_cross_entropy(head_layer, hidden, targets, 30.0, chunk_bytes=7 * 300 * 4)
+    lean = head.softcapped_cross_entropy(head_layer, hidden, targets, 30.0)
     (lean_grad,) = torch.autograd.grad(lean.sum(), hidden)
     full = full_path(hidden, head_layer.weight, targets, 30.0)
     (full_grad,) = torch.autograd.grad(full.sum(), hidden)
@@ -49,10 +55,9 @@ def test_chunked_cross_entropy_in_bf16_rounds_like_the_models_head():
     torch.testing.assert_close(lean_grad, full_grad, atol=2e-2, rtol=2e-2)  # bf16: a rounding step apart
 
 
-def test_lean_objective_equals_stock_loss_and_lora_gradients(tiny_model, tokenizer, monkeypatch):
+def test_lean_objective_equals_stock_loss_and_lora_gradients(tiny_model, tokenizer, small_tiles):
     """Self-conditioning for some examples, the encoder's next-token loss on: every loss and every LoRA gradient
     of the chunked path equals the full-logits path's."""
-    monkeypatch.setattr(head, "CHUNK_BYTES", 4 * tiny_model.config.text_config.vocab_size * 5)  # 5 rows a chunk
     model = attach_lora(tiny_model, LoraSettings(r=4, alpha=8, placement="shared"))
     randomise_lora(model)  # B starts at zero: give every LoRA matrix a value that matters
     model.train()

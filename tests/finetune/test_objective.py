@@ -157,9 +157,12 @@ def test_self_conditioning_first_pass_carries_no_gradient(tiny_model, tokenizer)
     clean = out.targets
     logits = project(model, decode(model, out.noisy, cache, starts, sc.detach(), torch.ones(4, dtype=torch.bool)))
     F.cross_entropy(logits.flatten(0, 1), clean.flatten()).backward()
+    # fp32 rounding apart: the objective builds the self-conditioning signal and the loss from tiles of logits
+    # (finetune/head.py), this reference from full ones; both are ~1e-5 from a float64 computation on gradients
+    # of size ~3, where a gradient through the first pass would move them by ~0.1
     for n, p in model.named_parameters():
         if n in grads:
-            torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-4)
 
 
 def test_self_conditioning_is_per_example(tiny_model, tokenizer):
