@@ -67,11 +67,12 @@ def _layer_types(types: list[str], layers: int) -> list[str]:
     return list(types[: layers - 1]) + ["full_attention"]
 
 
-def slice_config(config: DiffusionGemmaConfig, layers: int) -> DiffusionGemmaConfig:
-    """The first ``layers`` layers of a loaded config (e.g. the shipped one), real layer sizes otherwise.
+def slice_config(config: DiffusionGemmaConfig, layers: int, **text_values) -> DiffusionGemmaConfig:
+    """The first ``layers`` layers of a loaded config (e.g. the shipped one), its layer sizes otherwise unless
+    ``text_values`` overrides some (e.g. ``vocab_size``).
 
-    The per-layer overrides (head_dim 512 and 2 KV heads on full-attention layers) are keyed by layer index, so they
-    are rebuilt from the full layers' values rather than copied."""
+    The per-layer overrides (head_dim and KV heads of full-attention layers) are keyed by layer index, so they are
+    rebuilt from the full layers' values rather than copied."""
     text = config.text_config
     full = next(i for i, t in enumerate(text.layer_types) if t == "full_attention")
     values = text.to_dict()
@@ -82,6 +83,7 @@ def slice_config(config: DiffusionGemmaConfig, layers: int) -> DiffusionGemmaCon
         layer_types=_layer_types(text.layer_types, layers),
         global_head_dim=text.per_layer_config[full].head_dim,
         num_global_key_value_heads=text.per_layer_config[full].num_key_value_heads,
+        **text_values,
     )
     top = config.to_dict()
     top.pop("text_config")
