@@ -1,0 +1,120 @@
+"""Write DiffusionGemma 26B-A4B's config (no weights) to finetune/models/diffusiongemma-26b-a4b-it/.
+
+    python bench/make_26b_config.py            # rewrites config.json and generation_config.json there
+    python bench/make_26b_config.py --out DIR  # somewhere else
+
+The text values are the published 26B-A4B text config (public copies of google/diffusiongemma-26B-A4B-it's
+config.json; summarised in /work/shared/DIFFUSIONGEMMA.md). The vision tower is transformers' default Gemma 4 vision
+config and the generation config is transformers' own defaults for DiffusionGemmaGenerationConfig: neither is read
+from the hub. `slice_config` cuts the first N layers out of it, for real-shaped benchmarks and tests that cannot
+hold all 30 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from transformers import DiffusionGemmaConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "finetune", "models", "diffusiongemma-26b-a4b-it")
+
+LAYERS = 30
+TEXT = dict(
+    num_hidden_layers=LAYERS,
+    # 5 sliding-window layers, then 1 full-attention layer, five times
+    layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(LAYERS)],
+    hidden_size=2816,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=256,
+    global_head_dim=512,  # full-attention layers: head_dim 512 ...
+    num_global_key_value_heads=2,  # ... and 2 KV heads
+    attention_k_eq_v=True,  # full-attention layers derive V from K (no v_proj there)
+    intermediate_size=2112,  # the dense MLP beside the experts
+    num_experts=128,
+    moe_intermediate_size=704,
+    top_k_experts=8,
+    vocab_size=262_144,
+    sliding_window=1024,
+    final_logit_softcapping=30.0,
+    hidden_activation="gelu_pytorch_tanh",
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+    },
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
+
+def build_config(layers: int = LAYERS) -> DiffusionGemmaConfig:
+    """The 26B-A4B config; ``layers`` < 30 keeps the first ``layers`` layer types (the last one full-attention, as
+    the class requires)."""
+    text = dict(TEXT, num_hidden_layers=layers, layer_types=_layer_types(TEXT["layer_types"], layers))
+    config = DiffusionGemmaConfig(text_config=text, vision_config=None, canvas_length=256, tie_word_embeddings=True)
+    config.architectures = ["DiffusionGemmaForBlockDiffusion"]
+    config.dtype = torch.bfloat16  # the released weights are bf16 (52 GB)
+    return config
+
+
+def _layer_types(types: list[str], layers: int) -> list[str]:
+    if not 1 <= layers <= len(types):
+        raise ValueError(f"layers={layers}: give 1 to {len(types)}")
+    # DiffusionGemmaTextConfig forces the last layer to full attention (with a warning): say so up front
+    return list(types[: layers - 1]) + ["full_attention"]
+
+
+def slice_config(config: DiffusionGemmaConfig, layers: int, **text_values) -> DiffusionGemmaConfig:
+    """The first ``layers`` layers of a loaded config (e.g. the shipped one), its layer sizes otherwise unless
+    ``text_values`` overrides some (e.g. ``vocab_size``).
+
+    The per-layer overrides (head_dim and KV heads of full-attention layers) are keyed by layer index, so they are
+    rebuilt from the full layers' values rather than copied."""
+    text = config.text_config
+    full = next(i for i, t in enumerate(text.layer_types) if t == "full_attention")
+    values = text.to_dict()
+    for key in ("per_layer_config", "model_type", "transformers_version"):
+        values.pop(key, None)
+    values.update(
+        num_hidden_layers=layers,
+        layer_types=_layer_types(text.layer_types, layers),
+        global_head_dim=text.per_layer_config[full].head_dim,
+        num_global_key_value_heads=text.per_layer_config[full].num_key_value_heads,
+        **text_values,
+    )
+    top = config.to_dict()
+    top.pop("text_config")
+    top.pop("model_type", None)
+    top.pop("transformers_version", None)
+    return DiffusionGemmaConfig(**{**top, "text_config": values})
+
+
+def generation_config():
+    """transformers 5.24's DiffusionGemmaGenerationConfig leaves every sampler value at None and generate() fills
+    them from `_get_default_generation_params`; writing those values out makes the file say what runs."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    text = build_config().text_config  # Gemma's ids: pad 0, eos 1, bos 2
+    return DiffusionGemmaGenerationConfig(
+        **DiffusionGemmaGenerationConfig._get_default_generation_params(),
+        bos_token_id=text.bos_token_id,
+        pad_token_id=text.pad_token_id,
+        eos_token_id=text.eos_token_id,
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=OUT, help="directory to write config.json and generation_config.json")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    build_config().save_pretrained(args.out)
+    generation_config().save_pretrained(args.out)
+    print(f"wrote {os.path.join(args.out, 'config.json')} and generation_config.json")
+
+
+if __name__ == "__main__":
+    main()
