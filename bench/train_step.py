@@ -102,6 +102,7 @@ class Variant:
     lean: bool
     experts: str
     objective: ObjectiveConfig
+    compiled: bool = False  # --compile: the text layers through torch.compile (finetune.train.compile_layers)
 
 
 @dataclass
@@ -213,9 +214,28 @@ def set_experts(model, name: str) -> None:
             sys.exit(f"bench/train_step.py: --experts {name} is not available here: {str(e).splitlines()[0]}")
 
 
+def text_layers(model) -> list:
+    base = model.get_base_model()
+    return [*base.model.encoder.language_model.layers, *base.model.decoder.layers]
+
+
+def set_compiled(model, on: bool) -> None:
+    """Compile the layers once (`finetune.train.compile_layers`, inductor), then switch between the compiled and the
+    plain call per variant: the same weights run both ways."""
+    layers = text_layers(model)
+    if on and not hasattr(model, "_bench_compiled"):
+        from finetune.train import compile_layers
+
+        compile_layers(model)
+        model._bench_compiled = [layer._compiled_call_impl for layer in layers]
+    for layer, compiled in zip(layers, getattr(model, "_bench_compiled", [None] * len(layers))):
+        layer._compiled_call_impl = compiled if on else None
+
+
 def one_step(model, work: Workload, variant: Variant, device: str) -> tuple[float, int, int, float]:
     """(seconds, peak bytes over the baseline, baseline bytes, loss) of one forward + backward."""
     set_experts(model, variant.experts)
+    set_compiled(model, variant.compiled)
     for p in model.parameters():
         p.grad = None
     base = model.get_base_model()
@@ -347,12 +367,14 @@ def lora_model(config: DiffusionGemmaConfig, device: str, dtype: torch.dtype, se
     return model
 
 
-def variants_for(objectives: dict[str, ObjectiveConfig], experts: list[str]) -> list[Variant]:
-    """Stock (eager experts) and lean (each experts implementation), per objective."""
+def variants_for(objectives: dict[str, ObjectiveConfig], experts: list[str], compiled: bool = False) -> list[Variant]:
+    """Stock (eager experts) and lean (each experts implementation; with --compile, also compiled), per objective."""
     out = []
     for suffix, objective in objectives.items():
         out.append(Variant(f"stock eager{suffix}", False, "eager", objective))
         out += [Variant(f"lean {e}{suffix}", True, e, objective) for e in experts]
+        if compiled:
+            out.append(Variant(f"lean {experts[0]} compiled{suffix}", True, experts[0], objective, compiled=True))
     return out
 
 
@@ -368,7 +390,7 @@ def tiny_case(args, device: str) -> tuple[list, str | None]:
     work = Workload("tiny: finetune.tiny config (4 layers, hidden 64), batch 4, prompt 32 + response 23, canvas 8",
                     batch, fixed_noise(batch, c, len(tok), objective.t_min), tokens, c, device,
                     checkpointing=bool(args.checkpointing) and set_checkpointing(model, True))
-    return report("tiny", model, work, variants_for({"": objective}, args.experts), device, args), None
+    return report("tiny", model, work, variants_for({"": objective}, args.experts, args.compile), device, args), None
 
 
 def vocab_case(args, device: str) -> tuple[list, str | None]:
@@ -385,7 +407,7 @@ def vocab_case(args, device: str) -> tuple[list, str | None]:
     work = Workload("vocab: vocabulary 262,144, hidden 64, 2 layers, 4 experts, canvas 256, prompt 512 + response "
                     "1,000 (4 canvases), batch 1", batch, fixed_noise(batch, c, vocab, on.t_min), tokens, c, device,
                     checkpointing=bool(args.checkpointing) and set_checkpointing(model, True))
-    variants = variants_for({", enc loss on": on, ", enc loss off": off}, args.experts)
+    variants = variants_for({", enc loss on": on, ", enc loss off": off}, args.experts, args.compile)
     rows = report("vocab", model, work, variants, device, args)
     by = {r["variant"]: r for r in rows}
     lean_on, lean_off = by[f"lean {args.experts[0]}, enc loss on"], by[f"lean {args.experts[0]}, enc loss off"]
@@ -431,7 +453,7 @@ def real_case(args, device: str, case: str) -> tuple[list, str | None]:
             batch, fixed_noise(batch, c, vocab, objective.t_min), tokens, c, device,
             autocast=torch.bfloat16 if cfg.hardware.bf16 else None, checkpointing=checkpointing,
             extra={"recipe": recipe, "weights_gb": weights / GB, "layers": text.num_hidden_layers})
-        rows += report(case, model, work, variants_for({"": objective}, args.experts), device, args)
+        rows += report(case, model, work, variants_for({"": objective}, args.experts, args.compile), device, args)
     return rows, None
 
 
@@ -503,6 +525,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="finetune.checkpointing on/off; default: the recipe's train.gradient_checkpointing "
                              "(slice, full), off (tiny, vocab)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run lean with the text layers compiled (train.compile); the compile is not timed")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak, for MFU")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args(argv)

@@ -87,8 +87,9 @@ def check_architecture(path: str) -> None:
 
 def experts_for(requested: str, device: str) -> str:
     """``auto``: the fastest implementation of the frozen experts for LoRA training on the device, measured by
-    bench/experts.py (forward + backward to the tokens): eager on CPU (grouped_mm is 2-5x slower there at real
-    expert sizes), grouped_mm on CUDA (one kernel for all experts; transformers' own default)."""
+    bench/experts.py (forward + backward to the tokens): eager on CPU (grouped_mm 1.2x and batched_mm 80x slower
+    there, bench/RESULTS.md), grouped_mm on CUDA (one kernel for all experts; transformers' own default there, to be
+    confirmed on a lent GPU with bench/train_step.py --experts)."""
     if requested != "auto":
         return requested
     return "grouped_mm" if device == "cuda" else "eager"

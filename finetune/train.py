@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
@@ -103,7 +105,11 @@ def compile_layers(model, **options) -> None:
     """Regional compilation: each text layer's forward compiled on its own, so one compiled graph serves every
     layer of a kind (sliding or full attention) instead of one huge graph for the whole model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in [*base.model.encoder.language_model.layers, *base.model.decoder.layers]:
+    layers = [*base.model.encoder.language_model.layers, *base.model.decoder.layers]
+    # Each layer index is its own variant (it picks its cache entry), times grad mode (the self-conditioning pass
+    # runs without gradient) and evaluation shapes: past dynamo's default of 8 the rest would silently run eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
+    for layer in layers:
         layer.compile(**options)
 
 

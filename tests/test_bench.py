@@ -1,8 +1,7 @@
-"""bench/train_step.py: the model-FLOPs count on the real architecture (meta device, no lean loss needed) and, once
-finetune.objective has the lean loss, a one-step run of the tiny case."""
+"""bench/train_step.py: the model-FLOPs count on the real architecture (meta device) and a one-step run of the tiny
+case."""
 
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -45,9 +44,9 @@ def test_flops_of_the_real_architecture_at_chat_spark(bench):
     n = sum(per_layer[t] + moe for t in text.layer_types)
     assert flops["active_params_per_token"] == n + h * v
     assert 3.7e9 < flops["active_params_per_token"] < 3.9e9
-    assert flops["lora_params_per_token"] == sum(16 * (i + o) for i, o in [(h, 4096), (h, 2048), (h, 2048), (4096, h)] * 25
-                                                 + [(h, 8192), (h, 1024), (8192, h)] * 5
-                                                 + [(h, 2112), (h, 2112), (2112, h)] * 30)
+    adapted = ([(h, 4096), (h, 2048), (h, 2048), (4096, h)] * 25 + [(h, 8192), (h, 1024), (8192, h)] * 5
+               + [(h, 2112), (h, 2112), (2112, h)] * 30)
+    assert flops["lora_params_per_token"] == sum(16 * (i + o) for i, o in adapted)
     t_enc, sc = 2048 + 4 * c, 3 * h * text.intermediate_size
     weights = 4 * n * t_enc + 4 * (n + sc) * c + 2 * (n + sc) * c  # encoder and decoder with grad, the SC pass
     head = 2 * h * v * (2 * c + 2 * (4 * c) + 2 * c)  # canvas CE, encoder CE (fwd + bwd), SC logits + embeddings
@@ -55,9 +54,6 @@ def test_flops_of_the_real_architecture_at_chat_spark(bench):
     assert 1.05 * (weights + head) < flops["model_flops"] < 1.2 * (weights + head)
 
 
-@pytest.mark.skipif("lean" not in inspect.signature(
-    __import__("finetune.objective", fromlist=["diffusion_loss"]).diffusion_loss).parameters,
-    reason="finetune.objective.diffusion_loss has no lean argument yet")
 def test_tiny_case_runs_and_both_paths_agree(bench, tmp_path, one_thread):
     out = tmp_path / "tiny.json"
     assert bench.main(["--case", "tiny", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
