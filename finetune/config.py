@@ -205,8 +205,22 @@ class TrainSettings:
 
 @dataclass
 class HardwareSettings:
+    """One machine a run is planned for (the `hardware` group: one profile per file, finetune/conf/hardware)."""
+
+    profile: str = "cpu"  # the profile's name, for the plan's report
     device: str = "cpu"  # cpu | cuda | auto
     bf16: bool = False  # mixed precision in the Trainer
+    # memory a run may use, in GB (1e9 bytes); null: this machine's available memory (CPU) or the card's (CUDA)
+    memory_gb: Optional[float] = None
+    unified: bool = False  # CPU and GPU share one memory (DGX Spark): loading and the page cache count against it
+
+
+@dataclass
+class PlanSettings:
+    """The memory plan every training run makes before it loads anything (python -m finetune.plan prints it)."""
+
+    enforce: bool = True  # refuse a run whose predicted peak does not fit hardware.memory_gb (exit 2)
+    headroom: float = 0.05  # fraction of hardware.memory_gb kept free (fragmentation, other processes)
 
 
 @dataclass
@@ -316,6 +330,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     hardware: HardwareSettings = field(default_factory=HardwareSettings)
+    plan: PlanSettings = field(default_factory=PlanSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
 

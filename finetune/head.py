@@ -26,6 +26,12 @@ CHUNK_BYTES = 256 * 2**20
 CPU_TILE = (256, 1024)
 
 
+# Backward recomputes the logits: under mixed precision it must do so in the dtype forward used (bf16 autocast
+# around fp32 weights would otherwise recompute them in fp32, against a log-sum-exp taken from bf16 ones).
+_same_autocast_forward = torch.amp.custom_fwd(device_type="cuda")
+_same_autocast_backward = torch.amp.custom_bwd(device_type="cuda")
+
+
 def geometry(vocab: int, device: torch.device) -> tuple[int, int]:
     """(rows, vocabulary columns) of one chunk."""
     if device.type == "cpu":
@@ -93,6 +99,7 @@ def _accumulate(out, a, b):
 
 class _SoftcappedCrossEntropy(torch.autograd.Function):
     @staticmethod
+    @_same_autocast_forward
     def forward(ctx, hidden, weight, targets, cap):
         rows, cols = geometry(weight.shape[0], hidden.device)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -107,6 +114,7 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
         return lse - _target_logits(hidden, weight, targets, cap)[0]
 
     @staticmethod
+    @_same_autocast_backward
     def backward(ctx, grad_losses):
         """d CE / d capped logit = softmax - onehot; through the cap * (1 - tanh^2); times the upstream gradient.
         The softmax part is recomputed tile by tile; the onehot part is one row of the weight per position."""
@@ -160,6 +168,7 @@ class _SoftEmbeddings(torch.autograd.Function):
     trains, gets ``P^T @ grad`` with P recomputed tile by tile from the saved log-sum-exp."""
 
     @staticmethod
+    @_same_autocast_forward
     def forward(ctx, hidden, head_weight, embed_weight, scale, cap):
         rows, cols = geometry(head_weight.shape[0], hidden.device)
         out = torch.empty(hidden.shape[0], embed_weight.shape[1], dtype=embed_weight.dtype, device=hidden.device)
@@ -178,6 +187,7 @@ class _SoftEmbeddings(torch.autograd.Function):
         return out * scale
 
     @staticmethod
+    @_same_autocast_backward
     def backward(ctx, grad_out):
         hidden, head_weight, embed_weight, scale, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[2]:
