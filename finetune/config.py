@@ -183,7 +183,8 @@ class TrainSettings:
     save_total_limit: int = 2
     # true: encoder and decoder layers are recomputed in backward instead of keeping their activations
     gradient_checkpointing: bool = False
-    # true: torch.compile each text layer (regional: one compile serves all layers); pays only on long runs
+    # true: torch.compile each text layer (regional); measured no gain on CPU (bench/RESULTS.md). With
+    # gradient_checkpointing the encoder layers stay uncompiled (their cache write breaks the graph)
     compile: bool = False
     seed: int = 0  # linked to the run's seed in conf/config.yaml
     resume_from_checkpoint: Optional[str] = None  # a checkpoint directory under <run>/checkpoints, to continue a run

@@ -79,16 +79,6 @@ class _Exponentials:
         return self.shift + self.total.log()
 
 
-def _target_logits(hidden, weight, targets, cap):
-    """Soft-capped logit of each row's target, by a row-wise dot product (rounded to the weight's dtype as the
-    head's matmul output is), and tanh(logit / cap)."""
-    logits = (hidden.float() * weight[targets].float()).sum(dim=-1).to(weight.dtype).float()
-    if not cap:
-        return logits, None
-    tanh = (logits / cap).tanh()
-    return tanh * cap, tanh
-
-
 def _accumulate(out, a, b):
     """out (fp32) += a @ b: in place when a and b are fp32, else through one product in their dtype."""
     if a.dtype == torch.float32:
@@ -103,22 +93,27 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, cap):
         rows, cols = geometry(weight.shape[0], hidden.device)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        picked = torch.zeros_like(lse)  # each row's target logit, read from the same matmul as the others
         for r in range(0, hidden.shape[0], rows):
-            h = hidden[r : r + rows]
+            h, t = hidden[r : r + rows], targets[r : r + rows]
             sums = _Exponentials(len(h), cap, h.device)
             for v in range(0, weight.shape[0], cols):
-                sums.add(_logits(h, weight[v : v + cols], cap)[0])
+                logits = _logits(h, weight[v : v + cols], cap)[0]
+                inside = (t >= v) & (t < v + logits.shape[1])
+                column = (t - v).clamp(0, logits.shape[1] - 1)[:, None]
+                picked[r : r + rows] += torch.where(inside, logits.gather(1, column).squeeze(1), 0.0)
+                sums.add(logits)
             lse[r : r + rows] = sums.log_sum()
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, picked)
         ctx.cap = cap
-        return lse - _target_logits(hidden, weight, targets, cap)[0]
+        return lse - picked
 
     @staticmethod
     @_same_autocast_backward
     def backward(ctx, grad_losses):
         """d CE / d capped logit = softmax - onehot; through the cap * (1 - tanh^2); times the upstream gradient.
         The softmax part is recomputed tile by tile; the onehot part is one row of the weight per position."""
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets, lse, picked = ctx.saved_tensors
         cap = ctx.cap
         rows, cols = geometry(weight.shape[0], hidden.device)
         want_hidden, want_weight = ctx.needs_input_grad[:2]
@@ -138,9 +133,8 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
                     _accumulate(grad_hidden[r : r + rows], grad, w)
                 if want_weight:
                     grad_weight[v : v + cols].addmm_(grad.t().float(), h.float())
-        _, tanh = _target_logits(hidden, weight, targets, cap)
-        onehot = grad_losses if tanh is None else grad_losses * (1 - tanh.square())
-        grad_hidden.sub_(onehot[:, None] * weight[targets].to(weight.dtype).float())
+        onehot = grad_losses if not cap else grad_losses * (1 - (picked / cap).square())
+        grad_hidden.sub_(onehot[:, None] * weight[targets].float())
         if want_weight:
             grad_weight.index_add_(0, targets, -onehot[:, None] * hidden.float())
             grad_weight = grad_weight.to(weight.dtype)
@@ -154,7 +148,7 @@ def lean_head(lm_head) -> bool:
 
 def softcapped_cross_entropy(lm_head, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Per-position cross-entropy (fp32, shape (N,)) of the soft-capped logits of ``hidden`` (N, H)."""
-    return _SoftcappedCrossEntropy.apply(hidden, lm_head.weight, targets, cap)
+    return _SoftcappedCrossEntropy.apply(hidden, lm_head.weight, targets.to(hidden.device), cap)
 
 
 def _decoder_logits(hidden, head_weight, cap):
@@ -176,7 +170,9 @@ class _SoftEmbeddings(torch.autograd.Function):
         for r in range(0, hidden.shape[0], rows):
             h = hidden[r : r + rows]
             acc = torch.zeros(len(h), embed_weight.shape[1], dtype=torch.float32, device=h.device)
-            sums = _Exponentials(len(h), cap, h.device, carried=acc)
+            # the running max, not shift = cap: the exponentials are cast to E's dtype before the product, and
+            # exp(z - cap) underflows in float16 for every logit below ~13
+            sums = _Exponentials(len(h), None, h.device, carried=acc)
             for v in range(0, head_weight.shape[0], cols):
                 exps = sums.add(_decoder_logits(h, head_weight[v : v + cols], cap))
                 _accumulate(acc, exps.to(embed_weight.dtype), embed_weight[v : v + cols])

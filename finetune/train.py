@@ -46,7 +46,10 @@ class DiffusionTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        out = diffusion_loss(base, inputs, self.objective, self.canvas_length)
+        # accelerate puts mixed precision around model.forward, which the objective does not call (it runs the
+        # encoder and decoder itself): without this, hardware.bf16 would leave the fp32 LoRA layers running in fp32
+        with self.accelerator.autocast():
+            out = diffusion_loss(base, inputs, self.objective, self.canvas_length)
         if model.training:
             self.seen_rows.append(inputs["rows"].tolist())
             self.step_losses.append(float(out.loss.detach()))
@@ -109,6 +112,8 @@ def compile_layers(model, **options) -> None:
     # Each layer index is its own variant (it picks its cache entry), times grad mode (the self-conditioning pass
     # runs without gradient) and evaluation shapes: past dynamo's default of 8 the rest would silently run eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           16 * len(layers))
     for layer in layers:
         layer.compile(**options)
 

@@ -87,3 +87,22 @@ def test_lean_objective_equals_stock_loss_and_lora_gradients(tiny_model, tokeniz
     # the self-conditioning signal reached the lean path's decoder: without it the losses differ
     unconditioned, _ = run(True, torch.zeros(4, dtype=torch.bool))
     assert (unconditioned.per_target_loss - lean.per_target_loss)[sc].abs().min() > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_soft_embeddings_equal_the_decoders_own_in_every_dtype(dtype, small_tiles):
+    """softmax(logits) @ E * scale as DiffusionGemmaDecoderModel builds it from full logits. float16 is the trap:
+    exponentials shifted by the cap underflow there, so the running max is used."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(9, 32, generator=g).to(dtype)
+    embed = torch.nn.Embedding(300, 32).to(dtype).requires_grad_(False)
+    embed.embed_scale = torch.tensor(32**0.5)
+    head_layer = torch.nn.Linear(32, 300, bias=False).to(dtype)
+    head_layer.weight = embed.weight  # tied, as in the model
+    ours = head.soft_embeddings(head_layer, embed, hidden, 30.0).float()
+    logits = F.linear(hidden, head_layer.weight).float()
+    logits = (torch.tanh(logits / 30.0) * 30.0).to(dtype)
+    reference = (logits.softmax(-1, dtype=torch.float32).to(dtype) @ embed.weight) * embed.embed_scale.to(dtype)
+    assert reference.float().abs().max() > 0.1
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(ours, reference.float(), atol=tolerance, rtol=tolerance)
