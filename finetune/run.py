@@ -23,6 +23,7 @@ from finetune.data import eval_prompts, load_splits
 from finetune.errors import UserError
 from finetune.model import attach_lora, count_parameters, load, resolve_device, resolve_model_path, target_regex
 from finetune.objective import ObjectiveConfig, objective_settings
+from finetune.plan import refuse_if_it_cannot_fit
 from finetune.pretrain import base_model_path
 from finetune.report import plot_loss, summary
 from finetune.train import fit
@@ -62,6 +63,7 @@ def check(cfg: DictConfig, run_dir: str | None = None) -> None:
     if run_dir and os.path.exists(os.path.join(run_dir, "adapter")):
         raise UserError(f"output_dir {run_dir} already holds an adapter: choose another output_dir (nothing "
                         "overwritten)")
+    refuse_if_it_cannot_fit(cfg)  # before 52 GB load and fail
 
 
 def remove_if_unused(run_dir: str) -> None:

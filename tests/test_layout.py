@@ -17,7 +17,7 @@ STAGES = [
     ["finetune.objective"],
     ["finetune.train"],
     ["finetune.pretrain"],  # the tiny base's own small pipeline: model -> data -> objective -> train
-    ["finetune.preflight"],  # the data report: receives data (its command line loads it)
+    ["finetune.preflight", "finetune.plan"],  # reports before anything loads: the data (preflight), the memory
     ["eval"],  # generation, scoring, the verdict, the report, the lm-eval model, python -m eval
     ["finetune.report"],  # the end-of-run summary
     ["finetune.export"],

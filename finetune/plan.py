@@ -1,0 +1,482 @@
+"""Know before you load: the peak memory a training run will need, predicted from its config alone.
+
+    python -m finetune.plan recipe=chat_spark [hardware=dgx_spark] [any override]
+
+The plan is a model of what the code does, and most of it is the code itself, run on PyTorch's ``meta`` device
+(shapes and dtypes, no memory, no weights, about a second for the 26B config):
+- weights: the real model class built on meta from the run's config (the shipped 26B config for the hub id),
+  counted by dtype and part (dense text layers, experts, embeddings/head, vision tower); 4-bit where
+  model.load_in_4bit quantises (the dense text linears, NF4 with double quantisation);
+- LoRA: `finetune.model.attach_lora` on that meta model: fp32 weights, gradients and AdamW's two moments;
+- activations: one training step's encoder and decoder passes (`finetune.objective.encode` / `decode`) on meta
+  inputs of the run's largest shapes (batch x (prompt + response) for the encoder, batch x one canvas for the
+  decoder), every tensor autograd saves for backward counted once (by storage), layer by layer. Attention is
+  planned as the fused kernels keep it (query, key, value, output, log-sum-exp and the boolean mask as a float
+  bias), not as meta's fallback keeps it (the full probability matrix). With train.gradient_checkpointing each
+  layer keeps only its input, plus one layer's activations while it is recomputed; the KV cache stays either way;
+- the head (`finetune.head`): one chunk of logits at a time (a 256-row band of the vocabulary on a GPU);
+- backward's working set (one layer's activation gradients) and, for the verdict only, the CUDA context.
+`tests/finetune/test_plan.py` checks the prediction against measured peak RSS growth on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from finetune.config import ModelSettings, settings
+from finetune.errors import UserError
+
+GB = 1e9
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "diffusiongemma-26b-a4b-it")
+SHIPPED = {"google/diffusiongemma-26B-A4B-it": SHIPPED_DIR}  # hub ids whose config ships with the toolkit
+CUDA_CONTEXT = int(0.8 * GB)  # the driver's context and cuBLAS workspaces: outside PyTorch's allocator
+BACKWARD_FACTOR = 0.0  # backward frees a layer's saved tensors as it makes its gradients: no peak above forward
+RECOMPUTE_FACTOR = 1.0  # with checkpointing: one layer recomputed at a time
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + an 8-bit absmax per 64 + an fp32 per 256 absmaxes
+
+
+def model_config(model: ModelSettings):
+    """The config of the run's base model, read without downloading or loading a weight."""
+    from transformers import DiffusionGemmaConfig
+
+    name = model.name_or_path
+    if name == "tiny":
+        from finetune.tiny import build_config, build_tokenizer
+
+        return build_config(build_tokenizer(), model.tiny.size, model.tiny.canvas_length)
+    path = SHIPPED.get(name, os.path.expanduser(name))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"model.name_or_path={name}: no config.json in {path}, so the plan cannot read the model")
+        return DiffusionGemmaConfig.from_pretrained(path)
+    try:
+        return DiffusionGemmaConfig.from_pretrained(name, local_files_only=True)
+    except OSError:
+        raise UserError(f"model.name_or_path={name}: its config is not on this machine; download it once "
+                        f"(huggingface-cli download {name} config.json) or give a local directory") from None
+
+
+# --- activations on the meta device -------------------------------------------------------------------------------
+class _PlannedAttention(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention on meta: keeps what the fused CPU and CUDA kernels keep."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias):
+        out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, lse, *([] if bias is None else [bias]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never runs: the plan only counts what forward saves
+        raise NotImplementedError
+
+
+class _PlannedExperts(torch.autograd.Function):
+    """Stands in for grouped_mm on meta (its meta kernel takes bf16 only): keeps the tokens' input, as the experts'
+    matmuls do in every implementation; the frozen expert weights are weights, not activations."""
+
+    @staticmethod
+    def forward(ctx, tokens, weight):
+        ctx.save_for_backward(tokens)
+        return tokens.new_empty((tokens.shape[0], weight.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+
+def _grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    return _PlannedExperts.apply(mat_a, mat_b)
+
+
+def _attention(query, key, value, attn_mask=None, **kwargs):
+    bias = None
+    if attn_mask is not None:
+        # the kernels take the boolean mask as a float bias of its own shape (the encoder's is one for the batch)
+        bias = attn_mask.to(query.dtype) if attn_mask.dtype == torch.bool else attn_mask
+    return _PlannedAttention.apply(query, key, value, bias)
+
+
+class _Saved:
+    """Bytes autograd keeps for backward, by storage (a view of a kept tensor costs nothing more), per layer."""
+
+    def __init__(self, model):
+        self.weights = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.weights |= {b.untyped_storage()._cdata for b in model.buffers()}
+        self.seen: dict[int, tuple[str, int]] = {}
+        self.where = "other"
+
+    def pack(self, tensor):
+        key = tensor.untyped_storage()._cdata
+        if key not in self.weights and key not in self.seen:
+            self.seen[key] = (self.where, tensor.untyped_storage().nbytes())
+        return tensor
+
+    def by_place(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for where, nbytes in self.seen.values():
+            out[where] = out.get(where, 0) + nbytes
+        return out
+
+
+@contextmanager
+def _tracking(saved: _Saved, layers: dict[str, list]):
+    handles = []
+    for name, group in layers.items():
+        for i, layer in enumerate(group):
+            handles.append(layer.register_forward_pre_hook(
+                lambda *_, where=f"{name}.{i}": setattr(saved, "where", where)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
+                mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _attention), \
+                mock.patch.object(torch.nn.functional, "grouped_mm", _grouped_mm, create=True):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Shapes:
+    """The largest step the run's settings allow."""
+
+    batch: int
+    prompt: int
+    response: int  # tokens the encoder reads after the prompt: whole canvases
+    canvas: int
+
+    @property
+    def encoder_tokens(self) -> int:
+        return self.batch * (self.prompt + self.response)
+
+
+def shapes_of(cfg: DictConfig, canvas: int) -> Shapes:
+    return Shapes(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_canvases * canvas, canvas)
+
+
+_MODELS: dict = {}
+
+
+def _meta_model(config, dtype, lora):
+    """The run's model with its LoRA, on meta (kept: a plan's variants differ in shapes, not in the model)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from finetune.model import attach_lora
+
+    key = (config.to_json_string(), dtype, repr(lora))
+    if key in _MODELS:
+        return _MODELS[key]
+    _MODELS.clear()
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
+        model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                             experts_implementation="grouped_mm")
+        _MODELS[key] = attach_lora(model, lora).train()
+    return _MODELS[key]
+
+
+def _weight_parts(model, load_in_4bit: bool) -> dict[str, int]:
+    parts = {"dense": 0, "experts": 0, "embeddings/head": 0, "vision tower": 0}
+    base = model.get_base_model()
+    quantised = set()
+    if load_in_4bit:  # what finetune.model.load_model quantises: text nn.Linear except head, router, SC block
+        skip = re.compile(r"lm_head|vision|router|self_conditioning")
+        quantised = {id(m.weight) for n, m in base.named_modules()
+                     if type(m) is torch.nn.Linear and not skip.search(n)}
+    for name, p in base.named_parameters(remove_duplicate=True):
+        if "lora_" in name:
+            continue
+        part = ("vision tower" if "vision" in name else "experts" if ".experts." in name
+                else "embeddings/head" if "embed_tokens" in name or "lm_head" in name else "dense")
+        parts[part] += int(p.numel() * (NF4_BYTES if id(p) in quantised else p.element_size()))
+    return parts
+
+
+def _activations(model, shapes: Shapes) -> dict[str, int]:
+    """Saved bytes per layer of the encoder pass and the decoder pass with gradient, from the meta run.
+
+    Layers of one kind (sliding or full attention) keep the same tensors, so the passes run through the first
+    layer of each kind only and every layer is given its kind's figure."""
+    from finetune.objective import decode, encode
+
+    base = model.get_base_model()
+    text = base.config.text_config
+    kinds = text.layer_types
+    measured = max(kinds.index(kind) for kind in set(kinds)) + 1  # enough layers to meet each kind once
+    layers = {"encoder": list(base.model.encoder.language_model.layers), "decoder": list(base.model.decoder.layers)}
+    saved = _Saved(model)
+    ids = torch.zeros(shapes.batch, shapes.prompt + shapes.response, dtype=torch.long, device="meta")
+    canvas = torch.zeros(shapes.batch, shapes.canvas, dtype=torch.long, device="meta")
+    starts = torch.full((shapes.batch, 1), shapes.prompt, dtype=torch.long, device="meta")
+    encoder_trains = any(p.requires_grad for p in base.model.encoder.parameters())
+    depth = text.num_hidden_layers
+    text.num_hidden_layers = measured  # both passes loop over layers[:num_hidden_layers]
+    try:
+        with _tracking(saved, layers):
+            with torch.set_grad_enabled(encoder_trains):
+                _, cache = encode(base, ids)
+            saved.where = "decoder input"
+            decode(base, canvas, cache, starts)
+    finally:
+        text.num_hidden_layers = depth
+    cache_kind = {}
+    for i, layer in enumerate(cache.layers[:measured]):
+        cache_kind.setdefault(kinds[i], sum(t.untyped_storage().nbytes() for t in {id(x): x for x in
+                                            (layer.keys, layer.values) if x is not None}.values()
+                                            if t.untyped_storage()._cdata not in saved.seen))
+    by = saved.by_place()
+    first = {kind: kinds.index(kind) for kind in set(kinds)}
+    out = {k: v for k, v in by.items() if not k.startswith(("encoder.", "decoder."))}
+    for side in ("encoder", "decoder"):
+        for i, kind in enumerate(kinds):
+            out[f"{side}.{i}"] = by.get(f"{side}.{first[kind]}", 0)
+    out["kv cache"] = sum(cache_kind[kind] for kind in kinds)  # what the passes did not already keep
+    return out
+
+
+def _head_bytes(config, shapes: Shapes, dtype, device: str, encoder_loss: bool) -> tuple[int, int]:
+    """(kept: the hidden rows the losses save, working: one chunk's logits and their gradient)."""
+    from finetune.head import geometry
+
+    text = config.text_config
+    rows, cols = geometry(text.vocab_size, torch.device(device))
+    size = torch.tensor([], dtype=dtype).element_size()
+    scored = shapes.batch * shapes.canvas + (shapes.encoder_tokens if encoder_loss else 0)
+    kept = scored * text.hidden_size * size + scored * 4 * 3  # hidden rows, targets, lse, target logits
+    working = rows * cols * (size + 4 + 4 + size)  # the matmul's output, fp32 logits, tanh, the cast gradient
+    return kept, working
+
+
+@dataclass
+class Plan:
+    profile: str
+    device: str
+    parts: list = field(default_factory=list)  # (name, bytes, note)
+    capacity: int | None = None  # bytes the run may use (after the headroom)
+    memory: int | None = None  # the profile's memory
+    context: int = 0  # outside the allocator (CUDA context); counts for the verdict
+
+    @property
+    def peak(self) -> int:
+        return sum(b for _, b, _ in self.parts)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.peak + self.context <= self.capacity
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """The predicted peak of one training step of ``cfg`` (composed, checked)."""
+    from finetune.model import dtype_for
+
+    hardware = settings(cfg.hardware)
+    device = hardware.device  # the profile's device, not this machine's: a plan is made before the hardware
+    if device == "auto":
+        device = "cpu" if hardware.profile == "cpu" else "cuda"
+    config = model_config(settings(cfg.model))
+    dtype = dtype_for(cfg.model.dtype, device)
+    lora = settings(cfg.lora)
+    model = _meta_model(config, dtype, lora)
+    shapes = shapes_of(cfg, config.canvas_length)
+    objective = cfg.objective
+    result = Plan(hardware.profile, device, context=CUDA_CONTEXT if device == "cuda" else 0)
+
+    weights = _weight_parts(model, cfg.model.load_in_4bit)
+    for part, nbytes in weights.items():
+        if nbytes:
+            result.parts.append((f"weights: {part}", nbytes, _dtype_note(part, dtype, cfg.model.load_in_4bit)))
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    result.parts.append(("LoRA weights + gradients + AdamW state", trainable * 16,
+                         f"{trainable:,} fp32 parameters x (4 + 4 + 8) bytes"))
+
+    by = _activations(model, shapes)
+    kv = by.pop("kv cache")
+    encoder = {k: v for k, v in by.items() if k.startswith("encoder.")}
+    decoder = {k: v for k, v in by.items() if k.startswith("decoder.")}
+    other = sum(v for k, v in by.items() if not k.startswith(("encoder.", "decoder.")))
+    size = torch.tensor([], dtype=dtype).element_size()
+    hidden = config.text_config.hidden_size
+    checkpointing = bool(cfg.train.gradient_checkpointing)
+    largest_layer = max([*encoder.values(), *decoder.values()], default=0)
+    if checkpointing:  # each layer keeps its input; one layer's activations exist again while it is recomputed
+        kept_enc = len(encoder) * shapes.encoder_tokens * hidden * size
+        kept_dec = len(decoder) * shapes.batch * shapes.canvas * hidden * size
+        note = "checkpointed: each layer's input"
+    else:
+        kept_enc, kept_dec = sum(encoder.values()), sum(decoder.values())
+        note = "every layer's saved tensors"
+    enc_note = f"{shapes.batch} x {shapes.prompt + shapes.response} tokens, {note}"
+    result.parts.append(("activations: encoder", kept_enc, enc_note if encoder else "no gradient (frozen encoder)"))
+    result.parts.append(("activations: decoder", kept_dec + other,
+                         f"{shapes.batch} x {shapes.canvas} canvas tokens, {note}"))
+    result.parts.append(("KV cache", kv, "encoder keys and values the decoder reads"))
+    head_kept, head_working = _head_bytes(config, shapes, dtype, device, objective.encoder_ar_weight > 0)
+    result.parts.append(("logits and loss buffers", head_kept + head_working,
+                         "one chunk of logits at a time (finetune/head.py)"))
+    if objective.self_conditioning_p > 0:
+        sc = shapes.batch * shapes.canvas * hidden * (size + 4) * 2
+        result.parts.append(("self-conditioning", sc, "a pass without gradient; keeps only its soft embeddings"))
+    # Backward frees a layer's saved tensors as it makes that layer's gradients, so without checkpointing the peak
+    # is what forward kept; with it, one layer at a time is recomputed. In largest layers' saved bytes, measured on
+    # CPU (tests/finetune/test_plan.py; six mid-size configs came within 6%).
+    working = largest_layer * (RECOMPUTE_FACTOR if checkpointing else BACKWARD_FACTOR)
+    result.parts.append(("backward working set", int(working),
+                         "one layer recomputed and differentiated" if checkpointing else "gradients of the last layer"))
+
+    memory = _memory(hardware, device)
+    result.memory = memory
+    result.capacity = None if memory is None else int(memory * (1 - cfg.plan.headroom))
+    return result
+
+
+def _dtype_note(part, dtype, load_in_4bit):
+    name = str(dtype).replace("torch.", "")
+    if load_in_4bit and part == "dense":
+        return f"NF4 linears (model.load_in_4bit), {name} norms"
+    if part == "experts" and load_in_4bit:
+        return f"{name}: bitsandbytes does not quantise the fused experts"
+    return name
+
+
+def _memory(hardware, device: str) -> int | None:
+    if hardware.memory_gb is not None:
+        return int(hardware.memory_gb * GB)
+    if device == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[1]
+    return None
+
+
+# --- what to change when it does not fit --------------------------------------------------------------------------
+def _variants(cfg: DictConfig) -> list[tuple[str, list[str]]]:
+    """Changes a user can make, smallest first, each as overrides."""
+    out = []
+    if not cfg.train.gradient_checkpointing:
+        out.append(("checkpoint the layers", ["train.gradient_checkpointing=true"]))
+    prompt = cfg.data.max_prompt_tokens
+    for p in (prompt // 2, prompt // 4):
+        if p >= 128:
+            out.append((f"prompts up to {p} tokens", [f"data.max_prompt_tokens={p}"]))
+    if cfg.data.max_response_canvases > 1:
+        out.append(("answers of one canvas", ["data.max_response_canvases=1"]))
+    if cfg.train.batch_size > 1:
+        out.append(("batch 1 (raise train.grad_accum to keep the effective batch)", ["train.batch_size=1"]))
+    if not cfg.model.load_in_4bit:
+        out.append(("4-bit dense linears", ["model.load_in_4bit=true"]))
+    together = {}  # key -> its last (smallest) value
+    for _, overrides in out:
+        together.update(o.split("=", 1) for o in overrides)
+    if len(out) > 1:
+        out.append(("all of the above", [f"{k}={v}" for k, v in together.items()]))
+    return out
+
+
+def suggestions(cfg: DictConfig) -> list[tuple[str, list[str], Plan]]:
+    """Each variant's plan, smallest change first: those that fit, or all of them when none does."""
+    found = []
+    for label, overrides in _variants(cfg):
+        changed = cfg.copy()
+        with open_dict(changed):
+            for item in overrides:
+                key, value = item.split("=", 1)
+                OmegaConf.update(changed, key, yaml.safe_load(value), merge=False)
+        found.append((label, overrides, plan(changed)))
+    return [f for f in found if f[2].fits] or found
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / GB:7.2f} GB"
+
+
+def report(cfg: DictConfig, current: Plan, with_suggestions: bool = True) -> str:
+    lines = [f"plan: {cfg.run_name or 'run'} on {current.profile} ({current.device}), "
+             f"{cfg.model.name_or_path}, batch {cfg.train.batch_size}, prompt <= {cfg.data.max_prompt_tokens}, "
+             f"answer <= {cfg.data.max_response_canvases} canvases, checkpointing "
+             f"{'on' if cfg.train.gradient_checkpointing else 'off'}"]
+    for name, nbytes, note in current.parts:
+        lines.append(f"  {name:40} {_gb(nbytes)}  {note}")
+    lines.append(f"  {'predicted peak (allocated)':40} {_gb(current.peak)}")
+    if current.context:
+        lines.append(f"  {'+ CUDA context (outside the allocator)':40} {_gb(current.context)}")
+    lines.append(verdict(current))
+    if with_suggestions and current.fits is False:
+        found = suggestions(cfg)
+        fitting = any(p.fits for _, _, p in found)
+        lines.append("changes that make it fit, smallest first (predicted total):" if fitting else
+                     "no change here makes it fit (predicted total with each):")
+        for label, overrides, changed in found:
+            lines.append(f"  {label:60} {_gb(changed.peak + changed.context)}  {' '.join(overrides)}")
+        experts = next((b for n, b, _ in current.parts if n == "weights: experts"), 0)
+        if not fitting and experts > current.capacity / 2:
+            lines.append(f"why: the frozen experts alone are {experts / GB:.1f} GB and bitsandbytes does not quantise "
+                         "fused expert tensors; 4-bit experts (issue 12) are what will make this card fit")
+    return "\n".join(lines)
+
+
+def verdict(current: Plan) -> str:
+    total = current.peak + current.context
+    if current.fits is None:
+        return f"no verdict: the memory of {current.profile} is unknown (set hardware.memory_gb)"
+    margin = current.capacity - total
+    share = f"{total / current.memory:.0%} of {current.memory / GB:.3g} GB"
+    if current.fits:
+        return f"fits: {total / GB:.1f} GB predicted, {share}; {margin / GB:.1f} GB to spare after the headroom"
+    return f"does not fit: {total / GB:.1f} GB predicted, {share}; {-margin / GB:.1f} GB over"
+
+
+def refuse_if_it_cannot_fit(cfg: DictConfig) -> Plan | None:
+    """Training's check before it loads: a run whose plan does not fit stops here (plan.enforce=false lets it).
+    A hub model whose config is not on this machine yet cannot be planned before its download: it goes on."""
+    if not cfg.plan.enforce:
+        return None
+    try:
+        current = plan(cfg)
+    except UserError as e:
+        if "is not on this machine" not in str(e):
+            raise
+        print(f"plan: skipped, {e}")
+        return None
+    if current.fits is False:
+        found = suggestions(cfg)
+        hint = next((f"; it would with {' '.join(o)}" for _, o, p in found if p.fits), "")
+        raise UserError(f"{verdict(current)} on {current.profile}{hint}. The breakdown: python -m finetune.plan "
+                        "<the same arguments>; to run anyway: plan.enforce=false")
+    return current
+
+
+def main(argv=None) -> int:
+    from finetune.cli import command, show_config
+    from finetune.config import check, compose
+
+    def body(overrides, cfg_mode):
+        if cfg_mode:
+            show_config(overrides, cfg_mode)
+            return None
+        cfg = compose(overrides)
+        check(cfg)
+        print(report(cfg, plan(cfg)))
+        return None
+
+    return command(argv if argv is not None else sys.argv[1:],
+                   "usage: python -m finetune.plan recipe=NAME [hardware=PROFILE] [key=value ...]", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The memory planner (finetune/plan.py) against measurement, its report, and training's refusal to start a run
+that cannot fit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# glibc keeps freed memory mapped as it sees fit (its mmap threshold adapts to what was freed), which moves RSS by
+# hundreds of MB from run to run; a fixed threshold makes RSS follow the tensors a step holds, what a plan predicts
+MEASURE = {**ENV, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+@pytest.fixture(scope="module")
+def mid_model(tmp_path_factory, tokenizer):
+    """A mid-size DiffusionGemma where the model dominates (hidden 512, 4 layers, 32 experts of 256, top 4,
+    vocabulary 32,000: 77M parameters, 0.3 GB in fp32), saved as a checkpoint the way a real base is loaded."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from make_26b_config import slice_config
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from finetune.tiny import build_config
+
+    config = slice_config(build_config(tokenizer, canvas_length=32), 4, hidden_size=512, intermediate_size=1024,
+                          moe_intermediate_size=256, num_experts=32, top_k_experts=4, vocab_size=32000,
+                          num_attention_heads=8, head_dim=64, num_key_value_heads=4, sliding_window=512)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mid")
+    DiffusionGemmaForBlockDiffusion(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("settings", [
+    ["data.max_prompt_tokens=256", "data.max_response_canvases=2", "train.batch_size=2"],  # weights ~ 60%
+    ["data.max_prompt_tokens=1024", "data.max_response_canvases=4", "train.batch_size=2",
+     "train.gradient_checkpointing=true"],  # checkpointed: kept inputs, one layer recomputed
+    ["data.max_prompt_tokens=512", "train.batch_size=2", "lora.placement=decoder",
+     "objective.self_conditioning_p=0"],  # a frozen encoder keeps nothing
+])
+def test_predicted_peak_is_within_15_percent_of_measured_rss_growth(mid_model, settings):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "finetune", "plan_probe.py"),
+                             json.dumps([f"model.name_or_path={mid_model}", *settings])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=MEASURE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    ratio = numbers["predicted"] / numbers["measured"]
+    assert 0.85 <= ratio <= 1.15, (ratio, numbers)
+    assert numbers["parts"]["weights: experts"] > 0.15 * numbers["predicted"]  # a model-dominated config
+
+
+def plan_command(capsys, *args):
+    """`python -m finetune.plan ARGS` in this process (its imports are already paid for): (exit code, stdout)."""
+    from finetune.plan import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().out
+
+
+def test_chat_spark_fits_the_spark_with_a_breakdown(capsys):
+    code, out = plan_command(capsys, "recipe=chat_spark", "hardware.memory_gb=115")
+    assert code == 0, out
+    for part in ("weights: dense", "weights: experts", "weights: embeddings/head", "weights: vision tower",
+                 "LoRA weights + gradients + AdamW state", "activations: encoder", "activations: decoder",
+                 "KV cache", "logits and loss buffers", "self-conditioning", "CUDA context"):
+        assert part in out, part
+    experts = next(line for line in out.splitlines() if "weights: experts" in line)
+    assert "45.68 GB" in experts  # 30 layers x 128 experts x 3 x 704 x 2816 bf16: the published shape
+    assert out.splitlines()[-1].startswith("fits: ")
+
+
+def test_chat_rtx_on_a_32_gb_card_does_not_fit_and_says_why_and_what_would_change(capsys):
+    code, out = plan_command(capsys, "recipe=chat_rtx", "hardware.memory_gb=32")
+    assert code == 0, out
+    assert "does not fit: " in out and "no change here makes it fit" in out
+    assert "model.load_in_4bit=true" in out and "data.max_prompt_tokens=" in out
+    assert "the frozen experts alone are 45.7 GB" in out and "4-bit experts" in out
+
+
+def test_a_smaller_prompt_is_suggested_when_it_is_what_makes_a_run_fit():
+    from finetune.config import compose
+    from finetune.plan import plan, report
+
+    cfg = compose(["recipe=tiny", "train.batch_size=16", "data.max_prompt_tokens=1024"])
+    full = plan(cfg).peak
+    cfg = compose(["recipe=tiny", "train.batch_size=16", "data.max_prompt_tokens=1024",
+                   f"hardware.memory_gb={0.7 * full / 1e9}"])
+    text = report(cfg, plan(cfg))
+    assert "does not fit" in text and "changes that make it fit" in text
+    fitting = [line for line in text.splitlines()[text.splitlines().index(
+        "changes that make it fit, smallest first (predicted total):") + 1:]]
+    assert fitting and all(float(line.split(" GB")[0].split()[-1]) * 1e9 < 0.7 * full for line in fitting)
+
+
+def test_training_refuses_a_run_that_cannot_fit_before_it_loads_and_plan_enforce_false_lets_it(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "finetune", "recipe=tiny", "hardware.memory_gb=0.5",
+                             f"output_dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=ENV)
+    assert_one_line_error(result, "does not fit")
+    assert "plan.enforce=false" in result.stderr and "python -m finetune.plan" in result.stderr
+    assert not run_dir.exists()  # refused before anything was written
+    from finetune.__main__ import check
+
+    assert check(["recipe=tiny", "hardware.memory_gb=0.5", "plan.enforce=false", f"output_dir={run_dir}"]) == 0
