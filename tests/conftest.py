@@ -1,3 +1,4 @@
+import itertools
 import os
 import subprocess
 import sys
@@ -73,3 +74,38 @@ def default_run(tmp_path_factory):
     (tmp / "wall_seconds").write_text(f"{time.monotonic() - started:.1f}")
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp, env, result
+
+
+CONF = os.path.join(ROOT, "finetune", "conf")
+
+
+def group_file(group: str, name: str):
+    """A group alternative (finetune/conf/GROUP/NAME.yaml) as Hydra places it in the config: under its group, or at
+    the root when the file opens with `# @package _global_`, after the files its own defaults list pulls in (an
+    alias such as hardware/spark.yaml)."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(CONF, group, f"{name}.yaml")
+    with open(path) as f:  # the header: the comment lines before the first key
+        header = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("#") or not line.strip(),
+                                                               f)]
+    node = OmegaConf.load(path) or OmegaConf.create()
+    placed = OmegaConf.create()
+    for entry in node.get("defaults", []):
+        assert isinstance(entry, str), f"{path}: only same-group defaults (aliases) are expected here: {entry}"
+        placed = OmegaConf.merge(placed, group_file(group, entry))
+    body = OmegaConf.masked_copy(node, [k for k in node if k != "defaults"])
+    return OmegaConf.merge(placed, body if "# @package _global_" in header else {group: body})
+
+
+def leaf_keys(node, prefix: str = "") -> dict:
+    """{dotted key: value} for every leaf of a config node."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key, value in node.items():
+        if OmegaConf.is_dict(value):
+            out.update(leaf_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+    return out

@@ -129,47 +129,46 @@ def test_hydra_flags_work(tmp_path):
 def test_every_default_lives_once():
     """The schema (finetune/config.py) holds the defaults: a group file or recipe that restates one is a second
     truth that will drift (TrainSettings and conf/train/default.yaml once disagreed on steps, batch and
-    accumulation)."""
+    accumulation). A `_global_` group file (a hardware profile) may set a key to the schema's value only where a
+    group that config.yaml or a recipe chooses, composed before it, sets it otherwise (rtx_pro_6000's
+    data.max_prompt_tokens=1024 undoes data/chat's 2048)."""
     import glob
 
     from omegaconf import OmegaConf
 
+    from conftest import CONF, group_file, leaf_keys
     from finetune.config import Config
 
-    schema = OmegaConf.structured(Config)
-    restated = []
-
-    def plain(node):
-        return OmegaConf.to_container(node) if OmegaConf.is_list(node) else node
-
-    def walk(node, schema_node, where):
-        for key, value in node.items():
-            if key in ("defaults", "hydra") or schema_node is None or key not in schema_node:
-                continue
-            default = schema_node[key]
-            if OmegaConf.is_dict(value) and OmegaConf.is_dict(default):
-                walk(value, default, f"{where}{key}.")
-            elif not OmegaConf.is_dict(value) and not OmegaConf.is_dict(default) and plain(value) == plain(default):
-                restated.append(f"{where}{key}={plain(value)}")  # scalars and lists alike
-
-    conf = os.path.join(ROOT, "finetune", "conf")
-    for path in glob.glob(os.path.join(conf, "*", "*.yaml")):
-        group = os.path.basename(os.path.dirname(path))
-        node = OmegaConf.load(path) or OmegaConf.create()
-        walk(node, schema[group], f"{os.path.relpath(path, ROOT)}: {group}.")
-    chosen = {k: v for d in OmegaConf.load(os.path.join(conf, "config.yaml")).defaults if isinstance(d, dict)
+    schema = leaf_keys(OmegaConf.structured(Config))
+    # config.yaml's group choices, in composition order (entries are DictConfigs: `isinstance(d, dict)` is False)
+    chosen = {k: v for d in OmegaConf.load(os.path.join(CONF, "config.yaml")).defaults if OmegaConf.is_dict(d)
               for k, v in d.items()}
-    for path in glob.glob(os.path.join(ROOT, "recipes", "*.yaml")):
-        recipe = OmegaConf.load(path)
-        groups = dict(chosen)  # what the recipe is applied over: the schema with its group choices merged in
+    order = list(chosen)
+    files = {group: sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONF, group, "*.yaml")))
+             for group in order if group != "recipe"}
+    recipes = {path: OmegaConf.load(path) for path in glob.glob(os.path.join(ROOT, "recipes", "*.yaml"))}
+    used = {(g, n) for g, n in chosen.items()} | {(k.replace("override /", ""), v) for r in recipes.values()
+                                                  for entry in r.get("defaults", []) for k, v in entry.items()}
+    restated = []
+    for group, names in files.items():
+        earlier = {key for g, n in used if g in order[:order.index(group)] and g in files
+                   for key, value in leaf_keys(group_file(g, n)).items() if key in schema and value != schema[key]}
+        for name in names:
+            for key, value in leaf_keys(group_file(group, name)).items():
+                if key in schema and value == schema[key] and key not in earlier:
+                    restated.append(f"finetune/conf/{group}/{name}.yaml: {key}={value}")
+    for path, recipe in recipes.items():
+        groups = dict(chosen)  # what the recipe is applied over: the schema with its group choices merged in, in order
         for entry in recipe.get("defaults", []):
             groups.update({k.replace("override /", ""): v for k, v in entry.items()})
         under = OmegaConf.structured(Config)
         for group, name in groups.items():
             if group != "recipe":
-                under[group] = OmegaConf.merge(under[group], OmegaConf.load(os.path.join(conf, group, f"{name}.yaml"))
-                                               or {})
-        walk(recipe, under, f"{os.path.relpath(path, ROOT)}: ")
+                under = OmegaConf.merge(under, group_file(group, name))
+        under = leaf_keys(under)
+        for key, value in leaf_keys(OmegaConf.masked_copy(recipe, [k for k in recipe if k != "defaults"])).items():
+            if key in under and value == under[key]:
+                restated.append(f"{os.path.relpath(path, ROOT)}: {key}={value}")
     assert not restated, restated
 
 
