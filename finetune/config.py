@@ -1,7 +1,7 @@
 """The config schema: every key, its type, its default and its one-line comment, once.
 
 The dataclasses below are registered with Hydra as structured configs, so the YAML in `finetune/conf/` (the
-alternatives of a group: `model=diffusiongemma_26b`, `hardware=spark`, `objective=axolotl`, ...) and the recipes in
+alternatives of a group: `model=diffusiongemma_26b`, `hardware=dgx_spark`, `objective=axolotl`, ...) and the recipes in
 `recipes/` state only what differs, and a key that does not exist or a value of the wrong type is an error that
 names the key. The stages import their settings from here; nothing here imports a stage.
 
@@ -49,7 +49,7 @@ EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
 class ModelSettings:
     name_or_path: str = "tiny"  # tiny (built in), a hub id (google/diffusiongemma-26B-A4B-it) or a local directory
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU | float32 | bfloat16 | float16
-    load_in_4bit: bool = False  # bitsandbytes NF4 for the dense text linears (~6 GB saved); the 46 GB of experts stay
+    load_in_4bit: bool = False  # bitsandbytes NF4 for the dense text linears (3.3 -> 0.9 GB); the 46 GB of experts stay
     attn_implementation: str = "sdpa"  # the training masks are boolean 4-D masks, which sdpa takes as they are
     # how the 128 frozen experts run: auto (eager on CPU, grouped_mm on CUDA: bench/experts.py) | eager |
     # grouped_mm | batched_mm (copies each token's expert weights: inference only)

@@ -191,16 +191,21 @@ def run_plan(args, expect=None) -> str | None:
     """Run a documented `python -m finetune.plan` line for real: on CPU, before anything loads, it must print a
     breakdown and a verdict line starting with `fits` or `does not fit`, and exit 0 either way. `expect` is the
     verdict the docs claim in the line's comment (`# fits ...` / `# does not fit ...`), checked when given.
-    Until finetune/plan.py exists this returns None and the line is only composed (`compose_overrides`)."""
-    if not os.path.exists(os.path.join(ROOT, "finetune", "plan.py")):  # this checkout's, not an installed copy's
-        return None
-    result = run_module("finetune.plan", args, timeout=120)
-    assert result.returncode == 0, result.stderr[-1500:]
-    verdicts = re.findall(r"^\s*(fits|does not fit)\b", result.stdout, flags=re.M)
-    assert verdicts, f"no line starting with `fits` or `does not fit`:\n{result.stdout[-1500:]}"
+    In this process: the plan's meta model is shared by the lines that plan the same model."""
+    import contextlib
+    import io
+
+    from finetune.plan import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    assert code == 0, err.getvalue()[-1500:]
+    verdicts = re.findall(r"^\s*(fits|does not fit)\b", out.getvalue(), flags=re.M)
+    assert verdicts, f"no line starting with `fits` or `does not fit`:\n{out.getvalue()[-1500:]}"
     if expect:
         assert verdicts[-1] == expect, f"the docs say {expect!r}, the planner says {verdicts[-1]!r}"
-    return result.stdout
+    return out.getvalue()
 
 
 def check_entry_point(module, args, comment, tmp_path):
@@ -323,7 +328,8 @@ def test_comments_and_placeholders_are_read_as_the_shell_reads_them():
     assert entry_points("sudo -E sh -c 'python -m finetune recipe=tiny'") == [("finetune", ["recipe=tiny"])]
     with pytest.raises(AssertionError, match="pyhton"):
         entry_points("sudo sh -c 'sync; pyhton -m finetune'")  # sh -c strings are checked too
-    assert entry_points("python -m eval adapter=outputs/<run>/adapter") == [("eval", ["adapter=outputs/PLACEHOLDER/adapter"])]
+    assert entry_points("python -m eval adapter=outputs/<run>/adapter") == [
+        ("eval", ["adapter=outputs/PLACEHOLDER/adapter"])]
     assert entry_points("pip install x && python -m finetune.plan recipe=chat_rtx hardware=rtx_5090") == [
         ("finetune.plan", ["recipe=chat_rtx", "hardware=rtx_5090"])]
 
