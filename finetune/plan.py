@@ -58,6 +58,9 @@ def model_config(model: ModelSettings):
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"model.name_or_path={name}: no config.json in {path}, so the plan cannot read the model")
+        from finetune.model import check_architecture
+
+        check_architecture(path)  # another architecture's config would not even build
         return DiffusionGemmaConfig.from_pretrained(path)
     try:
         return DiffusionGemmaConfig.from_pretrained(name, local_files_only=True)

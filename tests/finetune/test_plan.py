@@ -63,7 +63,7 @@ def plan_command(capsys, *args):
 
 
 def test_chat_spark_fits_the_spark_with_a_breakdown(capsys):
-    code, out = plan_command(capsys, "recipe=chat_spark", "hardware.memory_gb=115")
+    code, out = plan_command(capsys, "recipe=chat_spark", "hardware=dgx_spark")
     assert code == 0, out
     for part in ("weights: dense", "weights: experts", "weights: embeddings/head", "weights: vision tower",
                  "LoRA weights + gradients + AdamW state", "activations: encoder", "activations: decoder",
@@ -75,10 +75,11 @@ def test_chat_spark_fits_the_spark_with_a_breakdown(capsys):
 
 
 def test_chat_rtx_on_a_32_gb_card_does_not_fit_and_says_why_and_what_would_change(capsys):
-    code, out = plan_command(capsys, "recipe=chat_rtx", "hardware.memory_gb=32")
+    code, out = plan_command(capsys, "recipe=chat_rtx", "hardware=rtx_5090")
     assert code == 0, out
+    assert "on rtx_5090 (cuda)" in out and "NF4 linears" in out  # the profile's 4-bit dense linears are planned
     assert "does not fit: " in out and "no change here makes it fit" in out
-    assert "model.load_in_4bit=true" in out and "data.max_prompt_tokens=" in out
+    assert "data.max_prompt_tokens=512" in out and "data.max_response_canvases=1" in out
     assert "the frozen experts alone are 45.7 GB" in out and "4-bit experts" in out
 
 
