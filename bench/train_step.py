@@ -79,7 +79,7 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from finetune.canvas import collate, decoder_masks, encoder_masks, fill_response
 from finetune.config import LoraSettings, ObjectiveConfig
-from finetune.model import attach_lora
+from finetune.model import attach_lora, text_layers
 from finetune.objective import diffusion_loss
 
 GB = 1e9
@@ -212,11 +212,6 @@ def set_experts(model, name: str) -> None:
             base.set_experts_implementation(name)
         except (ValueError, ImportError, RuntimeError) as e:
             sys.exit(f"bench/train_step.py: --experts {name} is not available here: {str(e).splitlines()[0]}")
-
-
-def text_layers(model) -> list:
-    base = model.get_base_model()
-    return [*base.model.encoder.language_model.layers, *base.model.decoder.layers]
 
 
 def set_compiled(model, on: bool) -> None:

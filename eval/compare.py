@@ -15,6 +15,7 @@ from eval.scorers import exact_match, resolve_scorer, score_all
 from eval.sets import EvalSet, benchmark_set, heldout_set
 from finetune.config import DataSettings, eval_settings
 from finetune.errors import UserError
+from finetune.model import base_of
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, ev
     started = time.perf_counter()
     eval_cfg = validate(eval_cfg)
     gen = GenerationSettings(**eval_cfg["generation"])
-    base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    base_model = base_of(peft_model)
     model_limit = getattr(base_model.generation_config, "max_new_tokens", None)
     max_canvases = (data_settings or DataSettings()).max_response_canvases
     loss_kwargs = dict(

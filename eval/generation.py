@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import GenerationSettings
+from finetune.model import base_of
 
 
 @dataclass
@@ -121,7 +122,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     The random canvases depend only on ``settings.seed`` and the batch order, so base and adapter start from the
     same noise and a difference in their answers is the adapter's doing.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     device = next(base.parameters()).device
     stops = [t for t in (tokenizer.eos_token, "<end_of_turn>", "<turn|>") if t]
     eos_ids = base.generation_config.eos_token_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from finetune.canvas import collate
+from finetune.model import base_of
 from finetune.objective import ObjectiveConfig, diffusion_loss
 
 
@@ -16,7 +17,7 @@ def heldout_loss(model, examples, objective: ObjectiveConfig, canvas_length: int
     Every call with the same seed draws the same canvases, the same corruption and no self-conditioning (the
     first-step setting), so base and adapter are scored on identical inputs.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     device = next(base.parameters()).device
     settings = ObjectiveConfig(**{**objective.__dict__, "self_conditioning_p": 0.0, "encoder_ar_weight": 0.0})
     chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)][:batches]

@@ -20,6 +20,8 @@ import types
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from finetune.model import base_of
+
 
 class _WriteOnce:
     """The cache as one checkpointed layer call sees it: `update` writes on the first run only."""
@@ -47,24 +49,20 @@ def _checkpointed_forward(layer, hidden_states, *args, cache=None, **kwargs):
                       use_reentrant=False, **kwargs)
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def encoder_layers(model):
-    return list(_base(model).model.encoder.language_model.layers)
+    return list(base_of(model).model.encoder.language_model.layers)
 
 
 def enable(model) -> None:
     """Checkpoint every encoder and decoder layer of ``model`` (a DiffusionGemma or a PeftModel around one)."""
-    base = _base(model)
+    base = base_of(model)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in encoder_layers(base):
         layer.forward = types.MethodType(_checkpointed_forward, layer)  # an instance attribute: disable() drops it
 
 
 def disable(model) -> None:
-    base = _base(model)
+    base = base_of(model)
     base.gradient_checkpointing_disable()
     for layer in encoder_layers(base):
         layer.__dict__.pop("forward", None)

@@ -95,6 +95,21 @@ def experts_for(requested: str, device: str) -> str:
     return "grouped_mm" if device == "cuda" else "eager"
 
 
+# Modules model.load_in_4bit leaves unquantised (name fragments): the planner counts the same set.
+NOT_QUANTISED = ("lm_head", "vision", "router", "self_conditioning")
+
+
+def base_of(model):
+    """The DiffusionGemma model itself, whether or not PEFT wraps it."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def text_layers(model) -> list:
+    """Every text layer the step runs: the encoder's, then the decoder's (weight-tied twins, separate modules)."""
+    base = base_of(model)
+    return [*base.model.encoder.language_model.layers, *base.model.decoder.layers]
+
+
 def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = False, attn: str = "sdpa",
                experts: str = "auto"):
     kwargs = dict(dtype=dtype, attn_implementation=attn, experts_implementation=experts_for(experts, device))
@@ -108,7 +123,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = 
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
-            llm_int8_skip_modules=[r".*lm_head.*", r".*vision.*", r".*router.*", r".*self_conditioning.*"],
+            llm_int8_skip_modules=[rf".*{name}.*" for name in NOT_QUANTISED],
         )
     if device == "cuda":
         kwargs["device_map"] = {"": 0}

@@ -62,9 +62,9 @@ def project(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor, lean: bool = True) -> torch.Tensor:
+def cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-position CE of the soft-capped head at ``hidden`` (N, H): chunked when the head allows it."""
-    if lean and lean_head(model.lm_head):
+    if lean_head(model.lm_head):
         return softcapped_cross_entropy(model.lm_head, hidden, targets, model.final_logit_softcapping)
     return F.cross_entropy(project(model, hidden), targets, reduction="none")
 

@@ -193,8 +193,10 @@ def _weight_parts(model, load_in_4bit: bool) -> dict[str, int]:
     parts = {"dense": 0, "experts": 0, "embeddings/head": 0, "vision tower": 0}
     base = model.get_base_model()
     quantised = set()
-    if load_in_4bit:  # what finetune.model.load_model quantises: text nn.Linear except head, router, SC block
-        skip = re.compile(r"lm_head|vision|router|self_conditioning")
+    if load_in_4bit:  # what finetune.model.load_model quantises: text nn.Linear except NOT_QUANTISED
+        from finetune.model import NOT_QUANTISED
+
+        skip = re.compile("|".join(NOT_QUANTISED))
         quantised = {id(m.weight) for n, m in base.named_modules()
                      if type(m) is torch.nn.Linear and not skip.search(n)}
     for name, p in base.named_parameters(remove_duplicate=True):
@@ -233,18 +235,18 @@ def _activations(model, shapes: Shapes) -> dict[str, int]:
             decode(base, canvas, cache, starts)
     finally:
         text.num_hidden_layers = depth
-    cache_kind = {}
+    cache_kind = {}  # per kind: the cache's keys and values the passes did not already keep (full layers: K = V)
     for i, layer in enumerate(cache.layers[:measured]):
-        cache_kind.setdefault(kinds[i], sum(t.untyped_storage().nbytes() for t in {id(x): x for x in
-                                            (layer.keys, layer.values) if x is not None}.values()
-                                            if t.untyped_storage()._cdata not in saved.seen))
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                    for t in (layer.keys, layer.values) if t is not None}
+        cache_kind.setdefault(kinds[i], sum(n for key, n in storages.items() if key not in saved.seen))
     by = saved.by_place()
     first = {kind: kinds.index(kind) for kind in set(kinds)}
     out = {k: v for k, v in by.items() if not k.startswith(("encoder.", "decoder."))}
     for side in ("encoder", "decoder"):
         for i, kind in enumerate(kinds):
             out[f"{side}.{i}"] = by.get(f"{side}.{first[kind]}", 0)
-    out["kv cache"] = sum(cache_kind[kind] for kind in kinds)  # what the passes did not already keep
+    out["kv cache"] = sum(cache_kind[kind] for kind in kinds)
     return out
 
 
@@ -254,7 +256,7 @@ def _head_bytes(config, shapes: Shapes, dtype, device: str, encoder_loss: bool) 
 
     text = config.text_config
     rows, cols = geometry(text.vocab_size, torch.device(device))
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     scored = shapes.batch * shapes.canvas + (shapes.encoder_tokens if encoder_loss else 0)
     kept = scored * text.hidden_size * size + scored * 4 * 3  # hidden rows, targets, lse, target logits
     working = rows * cols * (size + 4 + 4 + size)  # the matmul's output, fp32 logits, tanh, the cast gradient
@@ -308,7 +310,7 @@ def plan(cfg: DictConfig) -> Plan:
     encoder = {k: v for k, v in by.items() if k.startswith("encoder.")}
     decoder = {k: v for k, v in by.items() if k.startswith("decoder.")}
     other = sum(v for k, v in by.items() if not k.startswith(("encoder.", "decoder.")))
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     hidden = config.text_config.hidden_size
     checkpointing = bool(cfg.train.gradient_checkpointing)
     largest_layer = max([*encoder.values(), *decoder.values()], default=0)

@@ -17,6 +17,7 @@ from transformers import Trainer, TrainingArguments
 from finetune import checkpointing
 from finetune.canvas import Example, collate
 from finetune.config import TrainSettings
+from finetune.model import base_of, text_layers
 from finetune.objective import ObjectiveConfig, diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class DiffusionTrainer(Trainer):
         self._parts: dict[str, list[float]] = {"diffusion_loss": [], "ar_loss": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_of(model)
         # accelerate puts mixed precision around model.forward, which the objective does not call (it runs the
         # encoder and decoder itself): without this, hardware.bf16 would leave the fp32 LoRA layers running in fp32
         with self.accelerator.autocast():
@@ -107,8 +108,7 @@ def prepare(model, settings: TrainSettings) -> None:
 def compile_layers(model, **options) -> None:
     """Regional compilation: each text layer's forward compiled on its own, so one compiled graph serves every
     layer of a kind (sliding or full attention) instead of one huge graph for the whole model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = [*base.model.encoder.language_model.layers, *base.model.decoder.layers]
+    layers = text_layers(model)
     # Each layer index is its own variant (it picks its cache entry), times grad mode (the self-conditioning pass
     # runs without gradient) and evaluation shapes: past dynamo's default of 8 the rest would silently run eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
