@@ -47,9 +47,9 @@ def check(argv: list) -> int:
         overrides, multirun = hydra_flags(args)
         if cfg_mode and multirun:
             raise UserError("give -m (run a sweep) or --cfg (print the config), not both")
-        if multirun and any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in overrides):
-            raise UserError("output_dir names one run; a -m sweep puts each job in hydra.sweep.dir/<job number>: "
-                            "give hydra.sweep.dir=DIR instead")
+        if multirun and any(o.split("=", 1)[0].lstrip("+~") in ("output_dir", "resume") for o in overrides):
+            raise UserError("output_dir and resume name one run; a -m sweep puts each job in "
+                            "hydra.sweep.dir/<job number>: give hydra.sweep.dir=DIR instead")
         from omegaconf import OmegaConf, open_dict
 
         from finetune.run import check as check_run
@@ -71,8 +71,20 @@ def check(argv: list) -> int:
     return run_cli(body)
 
 
+def in_place(argv: list) -> list:
+    """resume=PATH continues the run PATH belongs to in its own directory, unless output_dir names another (a new run
+    branched from that checkpoint)."""
+    from finetune.checkpoints import resume_value, run_of
+
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not values or resume_value(values[-1]) in ("auto", "false") or "-m" in argv or "--multirun" in argv or any(
+            a.split("=", 1)[0].lstrip("+~") in ("output_dir", "hydra.run.dir") for a in argv if "=" in a):
+        return argv
+    return argv + [f"output_dir={run_of(values[-1])}"]
+
+
 def main(argv: list | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = in_place(list(sys.argv[1:] if argv is None else argv))
     code = check(argv)
     if code:
         return code

@@ -179,15 +179,12 @@ class TrainSettings:
     adam_beta2: float = 0.99
     max_grad_norm: float = 1.0
     logging_steps: int = 10
-    save_steps: int = 0  # 0: no intermediate checkpoints (the adapter is always saved at the end)
-    save_total_limit: int = 2
     # true: encoder and decoder layers are recomputed in backward instead of keeping their activations
     gradient_checkpointing: bool = False
     # true: torch.compile each text layer (regional); measured no gain on CPU (bench/RESULTS.md). With
     # gradient_checkpointing the encoder layers stay uncompiled (their cache write breaks the graph)
     compile: bool = False
     seed: int = 0  # linked to the run's seed in conf/config.yaml
-    resume_from_checkpoint: Optional[str] = None  # a checkpoint directory under <run>/checkpoints, to continue a run
     disable_tqdm: bool = False
     # where the loss, its parts, lr and grad norm go live: tensorboard (into <run>/tensorboard) | none | wandb |
     # trackio; several, quoted for Hydra: train.report_to='tensorboard,wandb'
@@ -202,6 +199,20 @@ class TrainSettings:
     def report_to_list(self) -> List[str]:
         names = [n.strip() for n in str(self.report_to).split(",") if n.strip()]
         return [] if names in ([], ["none"]) else names
+
+
+@dataclass
+class CheckpointSettings:
+    """Checkpoints of a run (<run>/checkpoints/checkpoint-N): adapter, optimizer, scheduler, RNG states, data position,
+    loss trace and config, sealed by a manifest of SHA-256 checksums (finetune/checkpoints.py)."""
+
+    every: int = 0  # optimizer steps between checkpoints; 0: none (Ctrl-C and SIGTERM still write one)
+    keep: int = 2  # the newest complete checkpoints kept; older ones are deleted once a newer one is complete
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise UserError(f"checkpoint.every={self.every}, checkpoint.keep={self.keep}: every must be >= 0 "
+                            "(0: none) and keep >= 1")
 
 
 @dataclass
@@ -330,6 +341,10 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    # auto: continue output_dir's newest complete checkpoint in place (fresh when it has none) | false: start fresh |
+    # a checkpoint or run directory to continue (python -m finetune resume=PATH continues in PATH's run directory)
+    resume: Any = "auto"
     hardware: HardwareSettings = field(default_factory=HardwareSettings)
     plan: PlanSettings = field(default_factory=PlanSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -402,6 +417,14 @@ def _first_message(e: BaseException) -> str:
     return f"{key}: {lines[0]}" if key and key not in lines[0] else lines[0]
 
 
+# Keys that moved: their old name gets the new one instead of "unknown key".
+RENAMED = {
+    "train.save_steps": "checkpoint.every (steps between checkpoints)",
+    "train.save_total_limit": "checkpoint.keep (complete checkpoints kept)",
+    "train.resume_from_checkpoint": "resume=PATH (or resume=auto with output_dir=<run>, the default)",
+}
+
+
 def explain(e: BaseException) -> str:
     """Hydra's and OmegaConf's composition errors as one line that says what to do."""
     msg = _first_message(e)
@@ -414,6 +437,8 @@ def explain(e: BaseException) -> str:
         return f"{group}={choice} is not a known {group} config; choose one of {', '.join(options)}"
     if "not in struct" in msg or "Could not override" in msg or "Key '" in msg and "not in" in msg:
         key = msg.split("'")[1] if "'" in msg else msg
+        if key in RENAMED:
+            return f"{key} is now {RENAMED[key]}"
         return f"unknown config key {key!r}: check the spelling (python -m finetune --cfg job lists every key)"
     return msg
 
@@ -449,7 +474,7 @@ def compose(overrides: list, return_hydra_config: bool = False) -> DictConfig:
 def check(cfg: DictConfig) -> None:
     """Build the groups' settings once: their own checks run before anything is loaded or written (the objective's
     need the tokenizer for a mask token: `finetune.objective.objective_settings`)."""
-    for key in ("model", "data", "lora", "train", "hardware", "eval", "export"):
+    for key in ("model", "data", "lora", "train", "checkpoint", "hardware", "eval", "export"):
         settings(cfg[key])
 
 

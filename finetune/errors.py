@@ -1,4 +1,4 @@
-"""Errors meant for the user: printed as one line, exit code 2, no traceback."""
+"""Errors meant for the user: printed as one line, no traceback, with an exit code that tells them apart."""
 
 import sys
 
@@ -7,13 +7,26 @@ class UserError(Exception):
     """Something in the user's config, paths or data is wrong; the message says where and what to do."""
 
 
+class RunStopped(Exception):
+    """Training stopped before its end on purpose: a signal (exit 128 + its number: 130 for Ctrl-C, 143 for SIGTERM)
+    or a guard (exit 1); the message says what was kept and how to continue."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def run_cli(body) -> int:
-    """Run a command's body: a UserError is one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Run a command's body: a UserError is one line on stderr and exit code 2, a stopped run its own code, Ctrl-C
+    outside training 130."""
     try:
         return body() or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -41,7 +41,7 @@ def ensure_base(cache_dir: str, settings: TinyBaseSettings | None = None, log=pr
         train = TrainSettings(
             max_steps=settings.steps, batch_size=settings.batch_size, grad_accum=1, lr=settings.lr, min_lr_ratio=0.1,
             warmup_steps=50, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, max_grad_norm=1.0, logging_steps=100,
-            save_steps=0, seed=settings.seed, report_to="none",
+            seed=settings.seed, report_to="none",
         )
         fit(model, examples, train, ObjectiveConfig(), settings.canvas_length, tokenizer.pad_token_id,
             os.path.join(tmp, "trainer"))

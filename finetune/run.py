@@ -11,16 +11,17 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune import preflight
+from finetune import checkpoints, preflight
 from finetune.config import check as check_settings
 from finetune.config import settings
 from finetune.data import eval_prompts, load_splits
-from finetune.errors import UserError
+from finetune.errors import RunStopped, UserError
 from finetune.model import attach_lora, count_parameters, load, resolve_device, resolve_model_path, target_regex
 from finetune.objective import ObjectiveConfig, objective_settings
 from finetune.plan import refuse_if_it_cannot_fit
@@ -43,8 +44,9 @@ def training_objective(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
     return objective
 
 
-def check(cfg: DictConfig, run_dir: str | None = None) -> None:
-    """Every check that needs no download, no model and no data: bad settings fail before anything is written."""
+def check(cfg: DictConfig, run_dir: str | None = None):
+    """Every check that needs no download, no model and no data: bad settings fail before anything is written.
+    Returns the resume decision and its warnings for ``run_dir`` (finetune.checkpoints.choose), None without one."""
     check_settings(cfg)
     training_objective(cfg)
     target_regex(settings(cfg.lora))
@@ -59,11 +61,13 @@ def check(cfg: DictConfig, run_dir: str | None = None) -> None:
         if importlib.util.find_spec(name) is None:
             raise UserError(f"train.report_to={cfg.train.report_to!r}: {name} is not installed: pip install {name}, "
                             "or train.report_to=none")
+    settings(cfg.checkpoint)
     run_dir = run_dir or cfg.output_dir
-    if run_dir and os.path.exists(os.path.join(run_dir, "adapter")):
-        raise UserError(f"output_dir {run_dir} already holds an adapter: choose another output_dir (nothing "
-                        "overwritten)")
+    decision = None
+    if run_dir:  # what it would resume, or why it cannot: before anything loads
+        decision = checkpoints.choose(cfg.resume, os.path.abspath(run_dir), OmegaConf.to_container(cfg, resolve=True))
     refuse_if_it_cannot_fit(cfg)  # before 52 GB load and fail
+    return decision
 
 
 def remove_if_unused(run_dir: str) -> None:
@@ -93,7 +97,15 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     run_dir = os.path.abspath(run_dir or cfg.output_dir)
     with open_dict(cfg):
         cfg.output_dir = run_dir
-    check(cfg, run_dir)
+    decision, warnings = check(cfg, run_dir)
+    for line in warnings:
+        print(line)
+    if decision.checkpoint:
+        print(f"resuming from {decision.checkpoint}" + (f" (settings changed since: {'; '.join(decision.changed)})"
+                                                        if decision.changed else ""))
+        if decision.base_commit and cfg.model.get("revision") != decision.base_commit:
+            print(f"resume: the base is loaded at commit {decision.base_commit}, the one the checkpoint trained on")
+            cfg.model.revision = decision.base_commit
     device = resolve_device(cfg.hardware.device)
     data_settings = settings(cfg.data)
 
@@ -107,6 +119,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
 
     # Nothing is written before here: a run that cannot start leaves no directory (see finetune.__main__).
     os.makedirs(run_dir, exist_ok=True)
+    checkpoints.set_aside(decision.set_aside)  # renamed, never deleted: resume=false's old checkpoints, an adapter
     OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
     print(f"run directory: {run_dir}")
     text, preflight_data = preflight.report(data_settings, train_ex, train_stats, eval_stats, tokenizer, canvas_length)
@@ -123,10 +136,17 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
 
     train_settings = settings(cfg.train)
     t0 = time.time()
-    trainer = fit(peft_model, train_ex, train_settings, objective, canvas_length, tokenizer.pad_token_id,
-                  os.path.join(run_dir, "checkpoints"), bf16=cfg.hardware.bf16, use_cpu=device == "cpu",
-                  log_dir=os.path.join(run_dir, "tensorboard"))
+    root = os.path.join(run_dir, checkpoints.CHECKPOINTS)
+    trainer = fit(peft_model, train_ex, train_settings, objective, canvas_length, tokenizer.pad_token_id, root,
+                  bf16=cfg.hardware.bf16, use_cpu=device == "cpu", log_dir=os.path.join(run_dir, "tensorboard"),
+                  checkpoint=settings(cfg.checkpoint), resume_from=decision.checkpoint,
+                  run_config=OmegaConf.to_container(cfg, resolve=True))
     train_seconds = time.time() - t0
+    if trainer.stopped_by:
+        name = signal.Signals(trainer.stopped_by).name
+        raise RunStopped(f"{name} at step {trainer.state.global_step}: checkpoint "
+                         f"{checkpoints.newest_complete(root)} written; to continue, run the same command with "
+                         f"output_dir={run_dir} (resume=auto is the default)", code=128 + trainer.stopped_by)
     save_adapter(peft_model, tokenizer, os.path.join(run_dir, "adapter"))
 
     logged = [e for e in trainer.state.log_history if "loss" in e]
@@ -136,6 +156,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         "base_model": path,
         "training": {
             "steps": trainer.state.global_step,
+            "resumed_from": decision.checkpoint,
             "seconds": train_seconds,
             "trainable_params": trainable,
             "loss_first": losses[0],
@@ -144,6 +165,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         },
         "data": {"train": train_stats.summary(), "eval": eval_stats.summary()},
     }
+    checkpoints.write_json(os.path.join(run_dir, checkpoints.TRACE), {"losses": losses, "rows": trainer.seen_rows})
     plot_loss(losses, logged, os.path.join(run_dir, "loss_curve.png"), train_settings.grad_accum)
 
     if cfg.eval.enabled:

@@ -1,22 +1,31 @@
-"""The training loop: a transformers `Trainer` with our collator and `compute_loss`.
+"""The training loop: a transformers `Trainer` with our collator and `compute_loss`, and what keeps a long run safe.
 
-`Trainer` brings the optimizer and schedule, gradient accumulation and clipping, mixed precision, checkpoints
-and resume; stock `SFTTrainer` cannot be used because the model's logits cover one canvas, not the sequence.
+`Trainer` brings the optimizer and schedule, gradient accumulation and clipping, mixed precision, checkpoint files
+and resume; stock `SFTTrainer` cannot be used because the model's logits cover one canvas, not the sequence. Ours on
+top: checkpoints sealed and renamed into place (finetune.checkpoints), a checkpoint at the next step boundary on
+SIGINT/SIGTERM, a stop on a non-finite loss or gradient before it reaches the weights, and a check after the first
+step that exactly the LoRA parameters receive gradients.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import signal
+import sys
+import threading
 
 import torch
-
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune import checkpointing
+from finetune import checkpointing, checkpoints
 from finetune.canvas import Example, collate
-from finetune.config import TrainSettings
+from finetune.config import CheckpointSettings, TrainSettings
+from finetune.errors import RunStopped
 from finetune.model import base_of, text_layers
 from finetune.objective import ObjectiveConfig, diffusion_loss
 
@@ -34,13 +43,21 @@ class ExampleDataset(Dataset):
         return self.examples[i]
 
 
-class DiffusionTrainer(Trainer):
-    """`Trainer` whose loss is the block-diffusion objective; logs its parts next to the total."""
+class GuardTripped(Exception):
+    """A guard stopped training before the optimizer step; the message names the step and what was wrong."""
 
-    def __init__(self, *args, objective: ObjectiveConfig, canvas_length: int, **kwargs):
+
+class DiffusionTrainer(Trainer):
+    """`Trainer` whose loss is the block-diffusion objective; logs its parts next to the total; writes sealed
+    checkpoints (Trainer writes into <checkpoints>/.staging, we seal and rename)."""
+
+    def __init__(self, *args, objective: ObjectiveConfig, canvas_length: int,
+                 checkpoint: CheckpointSettings | None = None, run_config: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.canvas_length = canvas_length
+        self.checkpoint = checkpoint
+        self.run_config = run_config or {}
         self.step_losses: list[float] = []  # one per micro-batch, for the loss curve
         self.seen_rows: list[list[int]] = []  # source rows of each micro-batch: data order is checkable
         self._parts: dict[str, list[float]] = {"diffusion_loss": [], "ar_loss": []}
@@ -52,11 +69,39 @@ class DiffusionTrainer(Trainer):
         with self.accelerator.autocast():
             out = diffusion_loss(base, inputs, self.objective, self.canvas_length)
         if model.training:
+            loss = float(out.loss.detach())
+            if not math.isfinite(loss):  # before backward: nothing of it reaches the weights
+                raise GuardTripped(f"step {self.state.global_step + 1}: the loss is {loss} (training rows "
+                                   f"{inputs['rows'].tolist()})")
             self.seen_rows.append(inputs["rows"].tolist())
-            self.step_losses.append(float(out.loss.detach()))
+            self.step_losses.append(loss)
             self._parts["diffusion_loss"].append(float(out.diffusion_loss))
             self._parts["ar_loss"].append(float(out.ar_loss))
         return (out.loss, out) if return_outputs else out.loss
+
+    @property
+    def checkpoint_root(self) -> str:
+        return os.path.dirname(self.args.output_dir)  # args.output_dir is <checkpoints>/.staging
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:  # another rank: process 0 seals
+            return
+        name = f"checkpoint-{self.state.global_step}"
+        staged = os.path.join(self.args.output_dir, name)
+        checkpoints.write_json(os.path.join(staged, checkpoints.TRACE),
+                               {"losses": self.step_losses, "rows": self.seen_rows})
+        OmegaConf.save(OmegaConf.create(self.run_config), os.path.join(staged, checkpoints.CONFIG))
+        args = self.args
+        checkpoints.seal(staged, {
+            "step": self.state.global_step,
+            "epoch": self.state.epoch,
+            "samples_seen": self.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            * args.world_size,
+            "base_commit": getattr(base_of(model).config, "_commit_hash", None),
+        })
+        checkpoints.commit(staged, os.path.join(self.checkpoint_root, name))
+        checkpoints.rotate(self.checkpoint_root, self.checkpoint.keep if self.checkpoint else 1)
 
     def log(self, logs, *args, **kwargs):
         for key, values in self._parts.items():
@@ -66,9 +111,82 @@ class DiffusionTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use_cpu: bool) -> TrainingArguments:
+class Guards(TrainerCallback):
+    """Before each optimizer step: a non-finite gradient stops the run (it would turn the adapter into NaN). Before
+    the first: exactly the LoRA parameters must have gradients: one without a gradient would never train (a broken
+    placement or tie), anything else with one would train what the recipe says is frozen (router, experts, base
+    weights, embeddings)."""
+
+    def __init__(self, scaler_in_use: bool = False):
+        self.scaler_in_use = scaler_in_use  # float16 loss scaling skips steps with inf gradients on purpose
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        named = [(n, p) for n, p in model.named_parameters()]
+        if state.global_step == 0 and hasattr(model, "peft_config"):
+            _check_gradient_flow(named)
+        grads = [p.grad for _, p in named if p.grad is not None]
+        if grads and not self.scaler_in_use:
+            norm = float(torch.nn.utils.get_total_norm(grads))
+            if not math.isfinite(norm):
+                raise GuardTripped(f"step {state.global_step + 1}: the gradient norm is {norm} (the loss was finite)")
+
+
+def _check_gradient_flow(named) -> None:
+    def some(names):
+        return f"{len(names)}, e.g. {names[0]}"
+
+    no_grad = [n for n, p in named if "lora_" in n and p.grad is None]
+    if no_grad:
+        raise GuardTripped(f"step 1: LoRA parameters that received no gradient ({some(no_grad)}): they would never "
+                           "train; check lora.placement and lora.targets against the objective")
+    stray = [n for n, p in named if "lora_" not in n and (p.requires_grad or p.grad is not None)]
+    if stray:
+        raise GuardTripped(f"step 1: parameters outside LoRA are set to train ({some(stray)}): the router, experts, "
+                           "base weights and embeddings must stay frozen")
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT (Ctrl-C) and SIGTERM (kill, a scheduler's pre-emption): finish the step, write a checkpoint, stop.
+    A second signal stops at once (the checkpoint being written is then left unsealed, and ignored)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print(f"\n{name}: finishing this step and writing a checkpoint, then stopping ({name} again stops at once)",
+              file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use_cpu: bool,
+                       checkpoint: CheckpointSettings | None = None) -> TrainingArguments:
+    every = checkpoint.every if checkpoint else 0
     return TrainingArguments(
-        output_dir=output_dir,
+        output_dir=os.path.join(output_dir, checkpoints.STAGING),
         max_steps=settings.max_steps,
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
@@ -81,10 +199,10 @@ def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use
         adam_beta2=settings.adam_beta2,
         max_grad_norm=settings.max_grad_norm,
         logging_steps=settings.logging_steps,
-        save_strategy="steps" if settings.save_steps else "no",
-        save_steps=settings.save_steps or 500,
-        save_total_limit=settings.save_total_limit,
-        gradient_checkpointing=False,  # ours covers the encoder too: see prepare()
+        save_strategy="steps" if every else "no",  # a signal saves either way (StopOnSignal)
+        save_steps=every or 500,
+        save_total_limit=None,  # we rotate: only sealed checkpoints count (checkpoints.rotate)
+        # (Trainer's gradient_checkpointing stays off: ours covers the encoder too, see prepare())
         seed=settings.seed,
         data_seed=settings.seed,
         bf16=bf16,
@@ -94,6 +212,7 @@ def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use
         dataloader_num_workers=0,
         disable_tqdm=settings.disable_tqdm,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a nan is the guard's to stop on, not to be averaged away in the log
     )
 
 
@@ -119,10 +238,16 @@ def compile_layers(model, **options) -> None:
 
 
 def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, canvas_length: int, pad_id: int,
-        output_dir: str, bf16: bool = False, use_cpu: bool = True, callbacks=None,
-        log_dir: str | None = None) -> DiffusionTrainer:
+        output_dir: str, bf16: bool = False, use_cpu: bool = True, callbacks=None, log_dir: str | None = None,
+        checkpoint: CheckpointSettings | None = None, resume_from: str | None = None,
+        run_config: dict | None = None) -> DiffusionTrainer:
     """Train ``model`` in place on ``examples``; returns the trainer (its state holds the log history).
 
+    ``output_dir`` is where checkpoints go (<run>/checkpoints). With ``checkpoint`` settings the run is a user's run:
+    sealed checkpoints every ``checkpoint.every`` steps, one on SIGINT/SIGTERM (then ``trainer.stopped_by`` holds
+    the signal), and ``resume_from`` continues a checkpoint bit for bit (weights, optimizer, schedule, RNG, data
+    position, loss trace). Without (the tiny base's pre-training, benchmarks) none of that. A guard that trips is a
+    RunStopped naming the step and the last good checkpoint.
     With train.report_to naming tensorboard, the loss, its two parts, the learning rate and the grad norm go live
     to ``log_dir`` (the run directory's tensorboard/, not Trainer's default checkpoints/runs/<time>_<host>).
     """
@@ -133,14 +258,40 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
         from transformers.integrations import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=log_dir or os.path.join(output_dir, "tensorboard"))))
+    stop = StopOnSignal()
+    if checkpoint is not None:
+        callbacks.append(stop)
+        checkpoints.clean_staging(output_dir)
     trainer = DiffusionTrainer(
         model=model,
-        args=training_arguments(settings, output_dir, bf16, use_cpu),
+        args=training_arguments(settings, output_dir, bf16, use_cpu, checkpoint),
         train_dataset=ExampleDataset(examples),
         data_collator=lambda batch: collate(batch, pad_id),
         objective=objective,
         canvas_length=canvas_length,
         callbacks=callbacks,
+        checkpoint=checkpoint,
+        run_config=run_config,
     )
-    trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
+    trainer.add_callback(Guards(scaler_in_use=getattr(trainer.accelerator, "scaler", None) is not None))
+    if resume_from:
+        with open(os.path.join(resume_from, checkpoints.TRACE)) as f:
+            trace = json.load(f)
+        trainer.step_losses, trainer.seen_rows = trace["losses"], trace["rows"]
+    try:
+        if checkpoint is None:
+            trainer.train()
+        else:
+            with stop:
+                trainer.train(resume_from_checkpoint=resume_from)
+    except GuardTripped as e:
+        last = checkpoints.newest_complete(output_dir)
+        kept = (f"the last good checkpoint is {last} (intact: resume=auto continues from it; a lower train.lr may "
+                "help)") if last else "no checkpoint was written before it (checkpoint.every sets how often)"
+        raise RunStopped(f"{e}; training stopped before the optimizer step, so nothing was updated with it; {kept}",
+                         code=1) from None
+    finally:
+        if checkpoint is not None:
+            checkpoints.clean_staging(output_dir)
+    trainer.stopped_by = stop.signum
     return trainer

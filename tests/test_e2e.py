@@ -110,7 +110,7 @@ def test_existing_adapter_is_never_overwritten(default_run):
     before = (tmp / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
     result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={tmp / 'run'}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "already holds an adapter" in result.stderr
+    assert result.returncode == 2 and "holds a finished run (adapter/)" in result.stderr
     assert (tmp / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 

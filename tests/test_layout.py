@@ -11,7 +11,8 @@ STAGES = [
     ["finetune.errors", "finetune.config", "finetune.conf"],
     ["finetune.cli"],  # the command-line prologue every command shares: config only
     ["finetune.tiny", "finetune.model"],  # the model layer: load base, adapter, tokenizer; the tiny architecture
-    ["finetune.head", "finetune.checkpointing"],  # how a step runs the model: chunked head, checkpointed layers
+    ["finetune.head", "finetune.checkpointing", "finetune.checkpoints"],  # how a step runs: chunked head, checkpointed
+    # layers; and how a run survives: sealed checkpoints, resume
     ["finetune.canvas"],
     ["finetune.data"],  # sources -> rows, render -> examples, splits
     ["finetune.objective"],
