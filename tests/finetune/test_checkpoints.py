@@ -138,3 +138,13 @@ def test_python_m_finetune_resume_path_continues_in_that_run_directory(tmp_path)
     assert in_place([f"resume={checkpoint}"])[-1] == f"output_dir={tmp_path / 'run'}"
     assert in_place([f"resume={checkpoint}", "output_dir=new"]) == [f"resume={checkpoint}", "output_dir=new"]
     assert in_place(["resume=auto"]) == ["resume=auto"]
+
+
+def test_the_old_checkpoint_keys_name_their_new_ones_and_a_sweep_cannot_resume(capsys):
+    from finetune.__main__ import check
+    from finetune.config import compose
+
+    with pytest.raises(UserError, match=r"train.save_steps is now checkpoint.every"):
+        compose(["train.save_steps=50"])
+    assert check(["-m", "resume=auto", "lora.r=4,8"]) == 2
+    assert "output_dir and resume name one run" in capsys.readouterr().err
