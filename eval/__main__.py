@@ -44,7 +44,7 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     from finetune.cli import show_config, take
     from finetune.config import check, compose, recipe_choice, settings
     from finetune.data import eval_prompts, load_splits
-    from finetune.model import adapter_base, load, resolve_device, resolve_model_path
+    from finetune.model import adapter_base, adapter_revision, base_commit, load, resolve_device, resolve_model_path
     from finetune.objective import objective_settings
     from finetune.pretrain import base_model_path
 
@@ -64,10 +64,14 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     out_dir = output_dir(out, adapter, recipe_choice(overrides))
     device = resolve_device(cfg.hardware.device)
     torch.manual_seed(cfg.seed)
+    # an adapter's base: the commit the adapter records, else model.revision when it names the recipe's base
+    revision = adapter_revision(adapter, cfg.model.name_or_path, cfg.model.revision) if adapter else \
+        cfg.model.revision
     path = resolve_model_path(base) if adapter else base_model_path(settings(cfg.model), cfg.cache_dir)
     model, tokenizer, placement = load(path, device, cfg.model.dtype, adapter=adapter,
                                        load_in_4bit=cfg.model.load_in_4bit, attn=cfg.model.attn_implementation,
-                                       experts=cfg.model.experts_implementation)
+                                       experts=cfg.model.experts_implementation, revision=revision,
+                                       trust_remote_code=cfg.model.trust_remote_code)
     canvas_length = (model.get_base_model() if adapter else model).config.canvas_length
     objective = objective_settings(cfg.objective, tokenizer)
     data = settings(cfg.data)
@@ -75,8 +79,8 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     pairs = eval_prompts(rows, tokenizer, data)
     print(f"model: {path}" + (f" + adapter {adapter} ({placement} LoRA)" if adapter else " (no adapter: base only)")
           + f" | held-out {min(len(rows), eval_cfg['max_examples'])} of {stats.read} rows | report in {out_dir}")
-    meta = {"recipe": recipe_choice(overrides), "base_model": path, "adapter_path": adapter,
-            "adapter_placement": placement}
+    meta = {"recipe": recipe_choice(overrides), "base_model": path, "base_commit": base_commit(model),
+            "adapter_path": adapter, "adapter_placement": placement}
     report = compare(model, tokenizer, pairs, examples, objective, canvas_length, eval_cfg,
                      out_dir=out_dir, has_adapter=adapter is not None, data_settings=data, meta=meta)
     OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))

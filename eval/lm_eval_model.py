@@ -51,7 +51,9 @@ def sampler_settings(given: dict, batch_size=None) -> GenerationSettings:
 @register_model("diffusiongemma", "diffusion-gemma")
 class DiffusionGemmaLM(LM):
     """``pretrained``: base model (hub id or directory; default: the adapter's base). ``adapter``: PEFT adapter
-    directory (any saved PEFT adapter for DiffusionGemma; loaded by `finetune.model.load`). Sampler settings
+    directory (any saved PEFT adapter for DiffusionGemma; loaded by `finetune.model.load`). ``revision``: the hub
+    base's branch, tag or commit (default: the commit the adapter records, else the default branch);
+    ``trust_remote_code`` (the harness's --trust_remote_code) lets a checkpoint's own code run. Sampler settings
     (``max_denoising_steps``, ``entropy_bound``, ``t_max``, ``t_min``, ``seed``, ...) default to
     `finetune.config.GenerationSettings`, as in python -m eval; the harness's ``temperature``/``do_sample`` have no
     meaning for this sampler and are ignored.
@@ -59,10 +61,11 @@ class DiffusionGemmaLM(LM):
 
     def __init__(self, pretrained: str | None = None, adapter: str | None = None, model=None, tokenizer=None,
                  batch_size=None, max_batch_size=None, device: str | None = None, dtype: str = "auto",
-                 max_gen_toks: int = 256, **settings):
+                 max_gen_toks: int = 256, revision: str | None = None, trust_remote_code=False, **settings):
         super().__init__()
         if model is None:
-            model, tokenizer = self._load(pretrained, adapter, device, dtype)
+            trust = str(trust_remote_code).lower() in ("true", "1")  # model_args arrive as strings
+            model, tokenizer = self._load(pretrained, adapter, device, dtype, revision, trust)
         elif tokenizer is None:
             raise ValueError("DiffusionGemmaLM(model=...) needs tokenizer= too")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -71,10 +74,10 @@ class DiffusionGemmaLM(LM):
         self._device = next(model.parameters()).device
 
     @staticmethod
-    def _load(pretrained, adapter, device, dtype):
+    def _load(pretrained, adapter, device, dtype, revision=None, trust_remote_code=False):
         import torch
 
-        from finetune.model import adapter_base, load, resolve_model_path
+        from finetune.model import adapter_base, adapter_revision, load, resolve_model_path
 
         if pretrained is None and adapter is None:
             raise ValueError("diffusiongemma needs model_args pretrained=<base> and/or adapter=<adapter dir>")
@@ -82,8 +85,11 @@ class DiffusionGemmaLM(LM):
         if device == "cuda" and not torch.cuda.is_available():  # the harness passes --device cuda by default
             log.warning("no CUDA device visible: running diffusiongemma on the CPU")
             device = "cpu"
-        path = resolve_model_path(pretrained if pretrained is not None else adapter_base(adapter))
-        model, tokenizer, _ = load(path, device, dtype, adapter=adapter)
+        if revision is None and adapter is not None and pretrained in (None, adapter_base(adapter)):
+            revision = adapter_revision(adapter)  # the commit the adapter was trained on, if it records one
+        path = resolve_model_path(pretrained if pretrained is not None else adapter_base(adapter), revision)
+        model, tokenizer, _ = load(path, device, dtype, adapter=adapter, revision=revision,
+                                   trust_remote_code=trust_remote_code)
         return model, tokenizer
 
     # --- what the harness calls --------------------------------------------------------------------------------

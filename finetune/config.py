@@ -54,12 +54,17 @@ class ModelSettings:
     # how the 128 frozen experts run: auto (eager on CPU, grouped_mm on CUDA: bench/experts.py) | eager |
     # grouped_mm | batched_mm (copies each token's expert weights: inference only)
     experts_implementation: str = "auto"
+    revision: Optional[str] = None  # hub ids only: the branch, tag or commit hash to load (null: the default branch)
+    trust_remote_code: bool = False  # run code shipped with a checkpoint (auto_map); DiffusionGemma (native) needs none
     tiny: TinyBaseSettings = field(default_factory=TinyBaseSettings)  # used only when name_or_path is tiny
 
     def __post_init__(self):
         if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
             raise UserError(f"model.experts_implementation={self.experts_implementation!r}: use one of "
                             f"{', '.join(EXPERTS_IMPLEMENTATIONS)}")
+        if self.revision is not None and self.name_or_path == "tiny":  # a local directory: finetune.model refuses it
+            raise UserError(f"model.revision={self.revision!r} pins a hub id, but model.name_or_path is tiny (built "
+                            "here): set model.revision=null")
 
 
 @dataclass

@@ -55,12 +55,13 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep == "\\" and "\\" in name
 
 
-def resolve_model_path(name: str) -> str:
-    """A hub id (``org/name``) passes through; anything that looks like a path must exist."""
+def resolve_model_path(name: str, revision: str | None = None) -> str:
+    """A hub id (``org/name``) passes through; anything that looks like a path must exist (and takes no revision)."""
     expanded = os.path.expanduser(name)
     if os.path.exists(expanded):
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             raise UserError(f"model.name_or_path={name!r} exists but holds no config.json: point it at a saved model")
+        _refuse_local_revision(expanded, revision)
         return expanded
     if _looks_local(name):
         raise UserError(
@@ -70,19 +71,82 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def check_architecture(path: str) -> None:
-    """Refuse a checkpoint of another architecture before its weights load (they would fail deep inside
-    from_pretrained, or load into the wrong shapes)."""
-    from transformers import AutoConfig, DiffusionGemmaConfig
+def _refuse_local_revision(path: str, revision: str | None) -> None:
+    if revision is not None and os.path.isdir(path):
+        raise UserError(f"model.revision={revision!r} is set but {path} is a local directory: a revision pins a hub id "
+                        "(transformers would silently ignore it here); set model.revision=null")
+
+
+def pin_revision(path: str, revision: str | None = None):
+    """A hub id's revision (branch, tag, commit; None: the default branch) resolved once to the commit it points to
+    now (huggingface_hub's ResolvedRevision: a str equal to what was asked, ``.resolved`` the hash; offline, from the
+    cache's refs/), so the config, tokenizer and weights of one load all come from that commit and ``base_commit``
+    can name it. A local directory gives None; with a revision it is refused."""
+    _refuse_local_revision(path, revision)
+    if os.path.isdir(path):
+        return None
+    from transformers.utils.hub import resolve_revision
+
+    return resolve_revision(path, revision)  # fails open: the load itself then says what is missing
+
+
+def _commit_of(revision) -> str | None:
+    commit = getattr(revision, "resolved", revision)
+    return commit if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def base_commit(model) -> str | None:
+    """The hub commit the base's files were loaded from (set by `load_model`); None for a local directory."""
+    return getattr(base_of(model).config, "_commit_hash", None)
+
+
+def _refuse_remote_code(path: str, revision, trust_remote_code: bool, filename: str) -> None:
+    """DiffusionGemma is native in transformers: a config or tokenizer that maps itself to its own Python classes
+    (``auto_map``) asks to run code from the checkpoint. transformers runs it only with trust_remote_code and otherwise
+    quietly falls back to a built-in class, which may not be what the files were saved for: refuse instead."""
+    if trust_remote_code:
+        return
+    from transformers.utils.hub import cached_file
 
     try:
-        model_type = AutoConfig.from_pretrained(path).model_type
+        found = cached_file(path, filename, revision=revision, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False, _raise_exceptions_for_gated_repo=False)
+        if found is None:
+            return
+        with open(found) as f:
+            auto_map = json.load(f).get("auto_map")
+    except (OSError, ValueError):
+        return  # unreadable or absent: from_pretrained reports it with its own reason
+    if auto_map:
+        raise UserError(f"{path} asks to run its own code ({filename} maps {', '.join(auto_map)} to classes shipped "
+                        "with the checkpoint), which only model.trust_remote_code=true allows: DiffusionGemma needs "
+                        "none, so use files saved by stock transformers, or read that code and set "
+                        "model.trust_remote_code=true")
+
+
+def _remote_code_error(path: str, e: Exception) -> UserError:
+    if "trust_remote_code" in str(e):
+        return UserError(f"{path} needs code shipped with the checkpoint, which only model.trust_remote_code=true "
+                         "allows: use files saved by stock transformers, or read that code and set it")
+    return UserError(f"could not read the config of {path!r}: {str(e).splitlines()[0]}")
+
+
+def check_architecture(path: str, revision=None, trust_remote_code: bool = False):
+    """Refuse a checkpoint of another architecture before its weights load (they would fail deep inside
+    from_pretrained, or load into the wrong shapes); returns its config."""
+    from transformers import AutoConfig, DiffusionGemmaConfig
+
+    _refuse_local_revision(path, revision)
+    _refuse_remote_code(path, revision, trust_remote_code, "config.json")
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not read the config of {path!r}: {str(e).splitlines()[0]}") from None
-    if model_type != DiffusionGemmaConfig.model_type:
-        raise UserError(f"{path} is a {model_type!r} checkpoint, not DiffusionGemma "
+        raise _remote_code_error(path, e) from None
+    if config.model_type != DiffusionGemmaConfig.model_type:
+        raise UserError(f"{path} is a {config.model_type!r} checkpoint, not DiffusionGemma "
                         f"({DiffusionGemmaConfig.model_type!r}): give a DiffusionGemma base (or an adapter trained "
                         "on one)")
+    return config
 
 
 def experts_for(requested: str, device: str) -> str:
@@ -110,9 +174,34 @@ def text_layers(model) -> list:
     return [*base.model.encoder.language_model.layers, *base.model.decoder.layers]
 
 
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _refuse_pickled(path: str) -> None:
+    """Weights load only through safetensors: unpickling a .bin can run code. A local base that has only pickles is
+    refused with the way to convert it once (transformers reads them with weights_only and writes safetensors)."""
+    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, n)) for n in SAFE_WEIGHTS):
+        return
+    pickled = [n for n in PICKLED_WEIGHTS if os.path.isfile(os.path.join(path, n))]
+    if pickled:
+        raise UserError(
+            f"{path} holds only pickled weights ({pickled[0]}), which this toolkit does not load (unpickling can run "
+            "code): convert them once to safetensors, if you trust their source: python -c \"from transformers import "
+            f"AutoTokenizer, DiffusionGemmaForBlockDiffusion as M; p, o = '{path}', '{path}-safetensors'; "
+            "M.from_pretrained(p).save_pretrained(o); AutoTokenizer.from_pretrained(p).save_pretrained(o)\" "
+            "and point model.name_or_path at the -safetensors directory")
+
+
 def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = False, attn: str = "sdpa",
-               experts: str = "auto"):
-    kwargs = dict(dtype=dtype, attn_implementation=attn, experts_implementation=experts_for(experts, device))
+               experts: str = "auto", revision=None, trust_remote_code: bool = False):
+    """The base's weights, from safetensors only; a hub id at ``revision`` (pinned to one commit: `pin_revision`).
+    ``trust_remote_code`` reaches transformers only so that a repository's custom generate code stays off unless
+    the config allows it; the model class itself is native."""
+    revision = pin_revision(path, revision)
+    _refuse_pickled(path)
+    kwargs = dict(dtype=dtype, attn_implementation=attn, experts_implementation=experts_for(experts, device),
+                  use_safetensors=True, revision=revision, trust_remote_code=trust_remote_code)
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -130,13 +219,26 @@ def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = 
     try:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
     except OSError as e:
+        if "named model.safetensors" in str(e):  # a hub repo (a local one is refused above) without safetensors
+            at = f" at revision {revision}" if revision is not None else ""
+            raise UserError(f"{path}{at} has no safetensors weights (model.safetensors), and this toolkit does not "
+                            "load pickled .bin weights (unpickling can run code): pick a revision that has them, or "
+                            f"download it (huggingface-cli download {path} --local-dir DIR) and give "
+                            "model.name_or_path=DIR to be shown the one-line conversion") from None
         raise UserError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from None
+    model.config._commit_hash = _commit_of(revision)  # not written by save_pretrained (transformers drops the key)
     return model
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, revision=None, trust_remote_code: bool = False):
+    _refuse_local_revision(path, revision)
+    _refuse_remote_code(path, revision, trust_remote_code, "tokenizer_config.json")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise _remote_code_error(path, e) from None
     except OSError as e:
         raise UserError(f"could not load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
@@ -159,7 +261,9 @@ def attach_lora(model, settings: LoraSettings) -> PeftModel:
         target_modules=target_regex(settings),
         bias="none",
     )
-    peft_model = get_peft_model(model, config)
+    # the base's hub commit goes into adapter_config.json as peft's own `revision`: stock loaders and our eval and
+    # export load the base the adapter was trained on, not whatever the branch holds by then
+    peft_model = get_peft_model(model, config, revision=base_commit(model))
     if settings.placement == "shared":
         tie_encoder_lora(peft_model)
     return peft_model
@@ -214,6 +318,18 @@ def adapter_base(adapter: str) -> str:
     return base
 
 
+def adapter_revision(adapter: str, name_or_path: str | None = None, revision: str | None = None) -> str | None:
+    """The revision an adapter's hub base loads at: the commit its adapter_config.json records (peft's `revision`,
+    written by `attach_lora`: the base it was trained on), else ``revision`` (model.revision) when that base is
+    ``name_or_path``. None for a base in a local directory."""
+    base = adapter_base(adapter)
+    if os.path.isdir(os.path.expanduser(base)):
+        return None
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        recorded = json.load(f).get("revision")
+    return recorded or (revision if base == name_or_path else None)
+
+
 def _adapter_weights(adapter: str) -> dict:
     from safetensors.torch import load_file
 
@@ -221,8 +337,12 @@ def _adapter_weights(adapter: str) -> dict:
     if os.path.isfile(path):
         return load_file(path)
     legacy = os.path.join(adapter, "adapter_model.bin")
-    if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+    if os.path.isfile(legacy):  # peft would unpickle it: refused like a pickled base
+        raise UserError(f"adapter={adapter!r} holds only pickled weights (adapter_model.bin), which this toolkit does "
+                        "not load (unpickling can run code): convert them once, if you trust their source: python -c "
+                        "\"import torch; from safetensors.torch import save_file; "
+                        f"save_file(torch.load('{legacy}', weights_only=True), "
+                        f"'{os.path.join(adapter, 'adapter_model.safetensors')}')\"")
     raise UserError(f"adapter={adapter!r} holds no adapter_model.safetensors: point it at a saved PEFT adapter")
 
 
@@ -245,26 +365,32 @@ def adapter_placement(adapter: str) -> str:
     return "shared" if same else "separate"
 
 
-def tokenizer_for(path: str, adapter: str | None = None):
-    """The adapter's tokenizer when it carries one (ours do), else the base's."""
-    has_own = adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
-    return load_tokenizer(adapter if has_own else path)
+def tokenizer_for(path: str, adapter: str | None = None, revision=None, trust_remote_code: bool = False):
+    """The adapter's tokenizer when it carries one (ours do), else the base's (at ``revision``)."""
+    if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
+        return load_tokenizer(adapter, trust_remote_code=trust_remote_code)
+    return load_tokenizer(path, revision, trust_remote_code)
 
 
 def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None, load_in_4bit: bool = False,
-         attn: str = "sdpa", experts: str = "auto"):
+         attn: str = "sdpa", experts: str = "auto", revision: str | None = None, trust_remote_code: bool = False):
     """The one way to load a base model, optionally with a saved adapter, and the tokenizer that goes with them.
 
     Every command uses it: training (no adapter), evaluation, export, the lm-eval model. ``path`` is a resolved
     base (a local directory or a hub id). The tokenizer is the adapter's when it carries one (ours do), else the
     base's. An adapter whose encoder and decoder LoRA are equal is re-tied (one set of matrices for both passes,
     as `lora.placement=shared` trains it), which changes nothing in its outputs.
+    A hub id loads at ``revision`` (model.revision; None: the default branch), resolved once so that every file
+    comes from one commit, which `base_commit(model)` names. Weights load only from safetensors; code shipped with
+    a checkpoint runs only with ``trust_remote_code`` (model.trust_remote_code).
     Returns (model, tokenizer, placement): placement is None without an adapter.
     """
-    check_architecture(path)  # a wrong base or adapter fails before 52 GB load, with its reason
+    revision = pin_revision(path, revision)
+    check_architecture(path, revision, trust_remote_code)  # a wrong base or adapter fails before 52 GB load
     placement = adapter_placement(adapter) if adapter else None
-    tokenizer = tokenizer_for(path, adapter)
-    model = load_model(path, dtype_for(dtype, device), device, load_in_4bit, attn, experts)
+    tokenizer = tokenizer_for(path, adapter, revision, trust_remote_code)
+    model = load_model(path, dtype_for(dtype, device), device, load_in_4bit, attn, experts, revision,
+                       trust_remote_code)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
         if placement == "shared":

@@ -54,19 +54,22 @@ def model_config(model: ModelSettings):
         from finetune.tiny import build_config, build_tokenizer
 
         return build_config(build_tokenizer(), model.tiny.size, model.tiny.canvas_length)
+    shipped = name in SHIPPED  # a local copy of the released config.json: model.revision does not apply to it
     path = SHIPPED.get(name, os.path.expanduser(name))
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"model.name_or_path={name}: no config.json in {path}, so the plan cannot read the model")
         from finetune.model import check_architecture
 
-        check_architecture(path)  # another architecture's config would not even build
+        # another architecture's config would not even build; a local directory with a model.revision is refused
+        check_architecture(path, None if shipped else model.revision, model.trust_remote_code)
         return DiffusionGemmaConfig.from_pretrained(path)
-    try:
-        return DiffusionGemmaConfig.from_pretrained(name, local_files_only=True)
+    try:  # offline, the cache's refs/ say which commit a branch or tag names
+        return DiffusionGemmaConfig.from_pretrained(name, local_files_only=True, revision=model.revision)
     except OSError:
+        at = f" --revision {model.revision}" if model.revision else ""
         raise UserError(f"model.name_or_path={name}: its config is not on this machine; download it once "
-                        f"(huggingface-cli download {name} config.json) or give a local directory") from None
+                        f"(huggingface-cli download {name} config.json{at}) or give a local directory") from None
 
 
 # --- activations on the meta device -------------------------------------------------------------------------------

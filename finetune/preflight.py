@@ -93,18 +93,13 @@ def tokenizer_and_canvas(cfg):
         from finetune.tiny import build_tokenizer
 
         return build_tokenizer(), cfg.model.tiny.canvas_length
-    from transformers import AutoConfig
+    from finetune.model import check_architecture, load_tokenizer, pin_revision, resolve_model_path
 
-    from finetune.model import load_tokenizer, resolve_model_path
-
-    path = resolve_model_path(cfg.model.name_or_path)
-    try:
-        canvas_length = AutoConfig.from_pretrained(path).canvas_length
-    except OSError as e:
-        from finetune.errors import UserError
-
-        raise UserError(f"could not read the config of {path!r}: {str(e).splitlines()[0]}") from None
-    return load_tokenizer(path), canvas_length
+    model = cfg.model
+    path = resolve_model_path(model.name_or_path, model.revision)
+    revision = pin_revision(path, model.revision)  # the config and the tokenizer of one commit
+    canvas_length = check_architecture(path, revision, model.trust_remote_code).canvas_length
+    return load_tokenizer(path, revision, model.trust_remote_code), canvas_length
 
 
 USAGE = """usage: python -m finetune.preflight [recipe=NAME] [key=value ...] [--cfg job|hydra|all]

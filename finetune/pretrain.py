@@ -59,7 +59,7 @@ def ensure_base(cache_dir: str, settings: TinyBaseSettings | None = None, log=pr
 
 def base_model_path(model: ModelSettings, cache_dir: str, log=print) -> str:
     """The base a run starts from: the built-in tiny one (pre-trained and cached on first use), or
-    model.name_or_path checked (a local directory must exist; a hub id passes through)."""
+    model.name_or_path checked (a local directory must exist and takes no model.revision; a hub id passes through)."""
     if model.name_or_path == "tiny":
         return ensure_base(cache_dir, model.tiny, log=log)
-    return resolve_model_path(model.name_or_path)
+    return resolve_model_path(model.name_or_path, model.revision)

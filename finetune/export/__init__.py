@@ -49,7 +49,7 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
     settings.validate()
     src: Source = read_run(run_dir) if run_dir is not None else read_adapter(adapter)
     outs = staging.output_dirs(settings, src.export_dir)
-    from finetune.model import resolve_device, resolve_model_path, tokenizer_for
+    from finetune.model import base_commit, resolve_device, resolve_model_path, tokenizer_for
 
     device = device or resolve_device(settings.device, key="device")
     owned = model is None
@@ -57,10 +57,12 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
         log(f"export: loading {src.base_model} with the adapter {src.adapter_dir}")
         model, tokenizer = load_finetuned(src, device)
     elif tokenizer is None:
-        tokenizer = tokenizer_for(resolve_model_path(src.base_model), src.adapter_dir)
+        tokenizer = tokenizer_for(resolve_model_path(src.base_model, src.revision), src.adapter_dir, src.revision,
+                                  src.trust_remote_code)
     model.eval()
     base = model.get_base_model()
     src.canvas_length = base.config.canvas_length
+    base_revision = base_commit(base) or src.revision  # the reload checks against the commit this model came from
     ref_dtype = _dtype_name(base.dtype)
 
     plan = merge.merge_plan(model, settings.untie) if "merged" in outs else None  # refuses before anything is written
@@ -107,7 +109,8 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
                 if settings.verify:
                     log(f"export: verifying the {fmt} export in a fresh process")
                     if fmt == "adapter":
-                        got = verify.reload_logits(src.base_model, stage.path, ref_dtype, device, inputs, work)
+                        got = verify.reload_logits(src.base_model, stage.path, ref_dtype, device, inputs, work,
+                                                   base_revision)
                         verification = verify.check("adapter", got, reference, ref_dtype,
                                                     "transformers + stock peft PeftModel.from_pretrained")
                     else:

@@ -1,10 +1,11 @@
 """The fresh process of the export check: stock classes load the files on disk and compute logits on fixed inputs.
 
-    python -m finetune.export.reload --model DIR_OR_ID [--adapter DIR] --dtype bfloat16 --device cpu
-                                     --inputs inputs.safetensors --out logits.safetensors
+    python -m finetune.export.reload --model DIR_OR_ID [--revision REV] [--adapter DIR] --dtype bfloat16
+                                     --device cpu --inputs inputs.safetensors --out logits.safetensors
 
 The model is built by stock classes only (transformers' DiffusionGemmaForBlockDiffusion, peft's PeftModel): what a
-user (or vLLM's loader) gets from the files, not what the exporting process happens to hold in memory.
+user (or vLLM's loader) gets from the files, not what the exporting process happens to hold in memory. Weights load
+from safetensors only, and no code shipped with a checkpoint runs (the classes are transformers' and peft's own).
 ``finetune.export.verify.reload_logits`` runs it and reads ``--out``. A checkpoint that loads with missing,
 unexpected or mismatched keys is a failure (exit 1, one line on stderr).
 """
@@ -19,6 +20,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.export.reload", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="merged export directory, or the base model of --adapter")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory loaded onto --model")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file, save_file
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    kwargs = {"dtype": getattr(torch, args.dtype)}
+    kwargs = {"dtype": getattr(torch, args.dtype), "use_safetensors": True, "revision": args.revision}
     if args.device == "cuda":
         kwargs["device_map"] = {"": 0}
     model, info = DiffusionGemmaForBlockDiffusion.from_pretrained(args.model, output_loading_info=True, **kwargs)

@@ -24,6 +24,8 @@ class Source:
     lora: dict = field(default_factory=dict)  # adapter_config.json
     placement: str | None = None  # shared | separate | decoder | encoder, once the adapter is loaded
     canvas_length: int = 256
+    revision: str | None = None  # a hub base's commit or branch (finetune.model.adapter_revision); None: local base
+    trust_remote_code: bool = False  # the run's model.trust_remote_code; False for an adapter from elsewhere
 
     @property
     def argument(self) -> str:
@@ -65,7 +67,7 @@ def _adapter_config(adapter_dir: str) -> dict:
 def read_run(run_dir: str) -> Source:
     from omegaconf import OmegaConf
 
-    from finetune.model import adapter_base
+    from finetune.model import adapter_base, adapter_revision
 
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     adapter_dir = os.path.join(run_dir, "adapter")
@@ -78,17 +80,20 @@ def read_run(run_dir: str) -> Source:
     if os.path.isfile(os.path.join(run_dir, "metrics.json")):
         with open(os.path.join(run_dir, "metrics.json")) as f:
             metrics = json.load(f)
+    model = cfg.get("model", {})
     return Source(adapter_dir, adapter_base(adapter_dir), run_dir, cfg, metrics, _adapter_config(adapter_dir),
-                  placement=cfg.get("lora", {}).get("placement"))
+                  placement=cfg.get("lora", {}).get("placement"),
+                  revision=adapter_revision(adapter_dir, model.get("name_or_path"), model.get("revision")),
+                  trust_remote_code=bool(model.get("trust_remote_code", False)))
 
 
 def read_adapter(adapter_dir: str) -> Source:
     """Any saved PEFT adapter: its base is the one its adapter_config.json names."""
-    from finetune.model import adapter_base
+    from finetune.model import adapter_base, adapter_revision
 
     adapter_dir = os.path.abspath(os.path.expanduser(adapter_dir))
     base = adapter_base(adapter_dir)
-    return Source(adapter_dir, base, lora=_adapter_config(adapter_dir))
+    return Source(adapter_dir, base, lora=_adapter_config(adapter_dir), revision=adapter_revision(adapter_dir))
 
 
 def load_finetuned(src: Source, device: str):
@@ -98,5 +103,7 @@ def load_finetuned(src: Source, device: str):
     from finetune.model import load, resolve_model_path
 
     dtype = src.cfg.get("model", {}).get("dtype", "auto")
-    model, tokenizer, src.placement = load(resolve_model_path(src.base_model), device, dtype, adapter=src.adapter_dir)
+    model, tokenizer, src.placement = load(resolve_model_path(src.base_model, src.revision), device, dtype,
+                                           adapter=src.adapter_dir, revision=src.revision,
+                                           trust_remote_code=src.trust_remote_code)
     return model.eval(), tokenizer

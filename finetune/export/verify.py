@@ -81,8 +81,10 @@ def reference_logits(model, inputs: dict, dtype: str | None = None) -> dict:
     return out
 
 
-def reload_logits(model_path: str, adapter: str | None, dtype: str, device: str, inputs: dict, workdir: str) -> dict:
-    """Logits of the written export, loaded in a fresh process with stock transformers (and peft)."""
+def reload_logits(model_path: str, adapter: str | None, dtype: str, device: str, inputs: dict, workdir: str,
+                  revision: str | None = None) -> dict:
+    """Logits of the written export, loaded in a fresh process with stock transformers (and peft); ``revision``:
+    the hub base's (an adapter export's base loads at the commit the fine-tuned model used)."""
     from safetensors.torch import load_file, save_file
 
     in_path, out_path = os.path.join(workdir, "inputs.safetensors"), os.path.join(workdir, "logits.safetensors")
@@ -91,6 +93,8 @@ def reload_logits(model_path: str, adapter: str | None, dtype: str, device: str,
            "--device", device, "--inputs", in_path, "--out", out_path]
     if adapter:
         cmd += ["--adapter", adapter]
+    if revision:
+        cmd += ["--revision", str(revision)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:

@@ -1,0 +1,205 @@
+"""Safe loading: a hub base loads at model.revision, every file from the one commit that `base_commit` names;
+weights only through safetensors (base and adapter); code shipped with a checkpoint only with
+model.trust_remote_code.
+
+The hub is a fake cache under tmp_path, laid out as huggingface_hub writes it (models--org--name/refs/<branch or tag>
+holding a commit hash, snapshots/<hash>/ holding the files), read offline. huggingface_hub reads HF_HUB_CACHE and
+HF_HUB_OFFLINE into `huggingface_hub.constants` once, at import, and both it and transformers look them up there at
+each call: so this process patches those constants, and a child process (the export's reload) gets the env vars.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.config import ModelSettings
+from finetune.errors import UserError
+from finetune.model import (LoraSettings, adapter_placement, adapter_revision, attach_lora, base_commit, load,
+                            load_tokenizer, resolve_model_path)
+
+from conftest import ROOT, make_model
+
+REPO = "testorg/tiny-diffusiongemma"
+MAIN, OTHER = "1" * 39 + "a", "2" * 39 + "b"  # commit hashes (40 hex digits); refs/main -> MAIN, refs/v1 -> OTHER
+CANVAS = {MAIN: 8, OTHER: 16}  # the two commits differ in config as well as in weights
+SEED = {MAIN: 0, OTHER: 1}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, tokenizer):
+    import huggingface_hub.constants as hf
+
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + REPO.replace("/", "--"))
+    for commit in (MAIN, OTHER):
+        model = make_model(tokenizer, seed=SEED[commit], canvas_length=CANVAS[commit])
+        model.save_pretrained(repo / "snapshots" / commit)
+        tokenizer.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(MAIN)  # no newline: huggingface_hub writes (and reads) the bare hash
+    (repo / "refs" / "v1").write_text(OTHER)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return repo
+
+
+def same_weights(model, commit, tokenizer) -> bool:
+    expected = make_model(tokenizer, seed=SEED[commit], canvas_length=CANVAS[commit]).state_dict()
+    got = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}  # under LoRA
+    return got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("revision,commit", [(None, MAIN), ("main", MAIN), ("v1", OTHER), (OTHER, OTHER)])
+def test_a_hub_base_loads_the_commit_its_revision_names_and_says_which(hub, tokenizer, revision, commit):
+    model, tok, placement = load(REPO, "cpu", revision=revision)
+    assert base_commit(model) == commit and placement is None
+    assert model.config.canvas_length == CANVAS[commit] and same_weights(model, commit, tokenizer)
+    assert tok.get_vocab() == tokenizer.get_vocab()
+
+
+def test_a_revision_the_cache_does_not_hold_is_one_line(hub):
+    with pytest.raises(UserError) as e:
+        load(REPO, "cpu", revision="v2")
+    assert REPO in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_local_base_has_no_commit_and_refuses_a_revision(tmp_path, tokenizer):
+    make_model(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model, _, _ = load(str(tmp_path / "base"), "cpu")
+    assert base_commit(model) is None
+    for refuse in (lambda: load(str(tmp_path / "base"), "cpu", revision="main"),
+                   lambda: resolve_model_path(str(tmp_path / "base"), "main"),
+                   lambda: ModelSettings(revision="main")):  # name_or_path tiny: built here, a local directory
+        with pytest.raises(UserError, match="model.revision='main'.*set model.revision=null"):
+            refuse()
+
+
+def test_the_planner_and_the_preflight_read_the_config_of_the_revision(hub):
+    from finetune.plan import model_config
+    from finetune.preflight import tokenizer_and_canvas
+
+    for revision, commit in (("main", MAIN), ("v1", OTHER)):
+        model = ModelSettings(name_or_path=REPO, revision=revision)
+        assert model_config(model).canvas_length == CANVAS[commit]
+        assert tokenizer_and_canvas(SimpleNamespace(model=model))[1] == CANVAS[commit]
+
+
+def test_an_adapter_records_the_base_commit_and_eval_and_export_load_that_commit(hub, tokenizer, tmp_path):
+    """peft's own `revision` in adapter_config.json: the base the adapter was trained on, even once main moves."""
+    from finetune.export import read_adapter, verify
+
+    model, _, _ = load(REPO, "cpu", revision="v1")
+    peft_model = attach_lora(model, LoraSettings(r=2, alpha=4))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["revision"] == OTHER
+    assert adapter_revision(str(adapter)) == OTHER and read_adapter(str(adapter)).revision == OTHER
+    assert adapter_revision(str(adapter), REPO, "main") == OTHER  # the record wins over the recipe's branch
+    reloaded, _, _ = load(REPO, "cpu", adapter=str(adapter), revision=adapter_revision(str(adapter)))
+    assert base_commit(reloaded) == OTHER and same_weights(reloaded.get_base_model(), OTHER, tokenizer)
+
+    # the export's fresh process (stock classes) loads the same commit: here its logits are the base's at v1
+    ids, canvas = torch.tensor([[5, 6, 7]]), torch.tensor([[8] * CANVAS[OTHER]])
+    got = verify.reload_logits(REPO, None, "float32", "cpu", {"ids_0": ids, "canvas_0": canvas}, str(tmp_path),
+                               revision=OTHER)
+    with torch.no_grad():
+        expected = make_model(tokenizer, seed=SEED[OTHER], canvas_length=CANVAS[OTHER])(
+            input_ids=ids, decoder_input_ids=canvas).logits
+    torch.testing.assert_close(got["logits_0"], expected)
+
+
+def test_a_base_with_only_pickled_weights_is_refused_with_the_conversion(tmp_path, tokenizer):
+    base = tmp_path / "pickled"
+    make_model(tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    os.remove(base / "model.safetensors")
+    with pytest.raises(UserError) as e:
+        load(str(base), "cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and f"{base} holds only pickled weights (pytorch_model.bin)" in msg
+    assert "save_pretrained" in msg and "safetensors" in msg
+
+
+def test_an_adapter_with_only_pickled_weights_is_refused_with_the_conversion(tmp_path, tokenizer):
+    base = tmp_path / "base"
+    model = make_model(tokenizer)
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    attach_lora(model, LoraSettings(r=2, alpha=4)).save_pretrained(adapter)
+    assert adapter_placement(str(adapter)) == "shared"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    torch.save(weights, adapter / "adapter_model.bin")
+    os.remove(adapter / "adapter_model.safetensors")
+    with pytest.raises(UserError) as e:
+        load(str(base), "cpu", adapter=str(adapter))
+    msg = str(e.value)
+    assert "\n" not in msg and "holds only pickled weights (adapter_model.bin)" in msg
+
+    # the command in the message converts it, and the adapter loads again
+    command = msg.split('python -c "', 1)[1].rsplit('"', 1)[0]
+    subprocess.run([sys.executable, "-c", command], check=True, cwd=ROOT)
+    converted = load_file(adapter / "adapter_model.safetensors")
+    assert converted.keys() == weights.keys() and all(torch.equal(converted[k], v) for k, v in weights.items())
+    load(str(base), "cpu", adapter=str(adapter))
+
+
+CUSTOM_TOKENIZER = """from transformers import TokenizersBackend
+
+
+class CustomTokenizer(TokenizersBackend):
+    shipped_with_the_checkpoint = True
+"""
+
+
+@pytest.fixture
+def custom_code_base(tmp_path, tokenizer):
+    """A base whose tokenizer_config.json maps AutoTokenizer to a class in a .py file beside it."""
+    base = tmp_path / "custom"
+    make_model(tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "custom_tokenizer.py").write_text(CUSTOM_TOKENIZER)
+    return base
+
+
+def test_a_tokenizer_that_ships_its_own_code_is_refused_unless_trusted(custom_code_base, tmp_path, monkeypatch):
+    import transformers.dynamic_module_utils as dynamic
+
+    # without the refusal transformers would not run the code either, but would quietly load a built-in class
+    with pytest.raises(UserError) as e:
+        load(str(custom_code_base), "cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "tokenizer_config.json maps AutoTokenizer" in msg and "model.trust_remote_code" in msg
+
+    # trusted, the class from the checkpoint is used (copied into a modules cache of its own here)
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        tok = load_tokenizer(str(custom_code_base), trust_remote_code=True)
+        assert type(tok).__name__ == "CustomTokenizer" and tok.shipped_with_the_checkpoint
+    finally:
+        for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+            del sys.modules[name]
+
+
+def test_a_config_that_ships_its_own_code_is_refused(tmp_path, tokenizer):
+    base = tmp_path / "custom_config"
+    make_model(tokenizer).save_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "my_config.MyConfig"}
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="config.json maps AutoConfig .*model.trust_remote_code=true"):
+        load(str(base), "cpu")
