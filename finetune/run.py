@@ -22,7 +22,8 @@ from finetune.config import check as check_settings
 from finetune.config import settings
 from finetune.data import eval_prompts, load_splits
 from finetune.errors import RunStopped, UserError
-from finetune.model import attach_lora, count_parameters, load, resolve_device, resolve_model_path, target_regex
+from finetune.model import (attach_lora, base_commit, count_parameters, load, resolve_device, resolve_model_path,
+                            target_regex)
 from finetune.objective import ObjectiveConfig, objective_settings
 from finetune.plan import refuse_if_it_cannot_fit
 from finetune.pretrain import base_model_path
@@ -56,7 +57,7 @@ def check(cfg: DictConfig, run_dir: str | None = None):
 
         validate(OmegaConf.to_container(cfg.eval))
     if cfg.model.name_or_path != "tiny":
-        resolve_model_path(cfg.model.name_or_path)
+        resolve_model_path(cfg.model.name_or_path, cfg.model.revision)
     for name in settings(cfg.train).report_to_list():  # Trainer would fail only once training starts
         if importlib.util.find_spec(name) is None:
             raise UserError(f"train.report_to={cfg.train.report_to!r}: {name} is not installed: pip install {name}, "
@@ -103,7 +104,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     if decision.checkpoint:
         print(f"resuming from {decision.checkpoint}" + (f" (settings changed since: {'; '.join(decision.changed)})"
                                                         if decision.changed else ""))
-        if decision.base_commit and cfg.model.get("revision") != decision.base_commit:
+        if decision.base_commit and cfg.model.revision != decision.base_commit:
             print(f"resume: the base is loaded at commit {decision.base_commit}, the one the checkpoint trained on")
             cfg.model.revision = decision.base_commit
     device = resolve_device(cfg.hardware.device)
@@ -111,7 +112,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
 
     path = base_model_path(settings(cfg.model), cfg.cache_dir)
     model, tokenizer, _ = load(path, device, cfg.model.dtype, load_in_4bit=cfg.model.load_in_4bit,
-                               attn=cfg.model.attn_implementation, experts=cfg.model.experts_implementation)
+                               attn=cfg.model.attn_implementation, experts=cfg.model.experts_implementation,
+                               revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     canvas_length = model.config.canvas_length
     objective = training_objective(cfg, tokenizer)
     splits = load_splits(data_settings, tokenizer, canvas_length)
@@ -154,6 +156,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     metrics = {
         "run_name": cfg.run_name,
         "base_model": path,
+        "base_commit": base_commit(model),  # the hub commit the base was loaded from; null for a local directory
         "training": {
             "steps": trainer.state.global_step,
             "resumed_from": decision.checkpoint,

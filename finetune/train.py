@@ -26,7 +26,7 @@ from finetune import checkpointing, checkpoints
 from finetune.canvas import Example, collate
 from finetune.config import CheckpointSettings, TrainSettings
 from finetune.errors import RunStopped
-from finetune.model import base_of, text_layers
+from finetune.model import base_commit, base_of, text_layers
 from finetune.objective import ObjectiveConfig, diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class DiffusionTrainer(Trainer):
             "epoch": self.state.epoch,
             "samples_seen": self.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
             * args.world_size,
-            "base_commit": getattr(base_of(model).config, "_commit_hash", None),
+            "base_commit": base_commit(model),  # a resume loads the base at this commit
         })
         checkpoints.commit(staged, os.path.join(self.checkpoint_root, name))
         checkpoints.rotate(self.checkpoint_root, self.checkpoint.keep if self.checkpoint else 1)

@@ -203,3 +203,22 @@ def test_a_config_that_ships_its_own_code_is_refused(tmp_path, tokenizer):
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="config.json maps AutoConfig .*model.trust_remote_code=true"):
         load(str(base), "cpu")
+
+
+def test_a_resumed_run_loads_the_base_at_the_commit_its_checkpoint_recorded(hub, tmp_path, capsys):
+    """The hub's main moves between a kill and the resume: the resume still loads the commit it trained on."""
+    import shutil
+
+    from finetune.config import compose
+    from finetune.run import run
+
+    run_dir = tmp_path / "run"
+    args = [f"model.name_or_path={REPO}", "model.revision=main", "data.train_rows=16", "data.eval_rows=4",
+            "train.batch_size=8", "train.max_steps=2", "checkpoint.every=1", "eval.enabled=false",
+            "export.format=none", "train.report_to=none", f"output_dir={run_dir}"]
+    assert run(compose(args))["base_commit"] == MAIN
+    shutil.rmtree(run_dir / "adapter")  # as if killed after its last checkpoint
+    (hub / "refs" / "main").write_text(OTHER)
+    metrics = run(compose(args))
+    assert f"the base is loaded at commit {MAIN}" in capsys.readouterr().out
+    assert metrics["base_commit"] == MAIN and metrics["training"]["resumed_from"].endswith("checkpoint-2")
