@@ -159,8 +159,17 @@ def experts_for(requested: str, device: str) -> str:
     return "grouped_mm" if device == "cuda" else "eager"
 
 
-# Modules model.load_in_4bit leaves unquantised (name fragments): the planner counts the same set.
+# Modules model.quantization=all4bit leaves unquantised (name fragments): the planner counts the same set.
 NOT_QUANTISED = ("lm_head", "vision", "router", "self_conditioning")
+
+
+def weights_note(quantization: str, quant_type: str, dtype) -> str:
+    """Which weights a model runs on, for reports: the evaluation states whether it ran on a quantised base."""
+    dtype = str(dtype).replace("torch.", "")
+    if quantization == "none":
+        return f"{dtype} (as loaded)"
+    what = "experts" if quantization == "experts4bit" else "experts and dense text linears"
+    return f"{what} in 4-bit {quant_type.upper()} (model.quantization={quantization}), the rest {dtype}"
 
 
 def base_of(model):
@@ -193,27 +202,20 @@ def _refuse_pickled(path: str) -> None:
             "and point model.name_or_path at the -safetensors directory")
 
 
-def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = False, attn: str = "sdpa",
-               experts: str = "auto", revision=None, trust_remote_code: bool = False):
+def load_model(path: str, dtype: torch.dtype, device: str, quantization: str = "none", attn: str = "sdpa",
+               experts: str = "auto", revision=None, trust_remote_code: bool = False, quant_type: str = "nf4"):
     """The base's weights, from safetensors only; a hub id at ``revision`` (pinned to one commit: `pin_revision`).
     ``trust_remote_code`` reaches transformers only so that a repository's custom generate code stays off unless
-    the config allows it; the model class itself is native."""
+    the config allows it; the model class itself is native. ``quantization`` (experts4bit | all4bit) quantises as
+    the weights stream in (finetune.quantized_load), so the bf16 model is never in memory at once."""
     revision = pin_revision(path, revision)
     _refuse_pickled(path)
     kwargs = dict(dtype=dtype, attn_implementation=attn, experts_implementation=experts_for(experts, device),
                   use_safetensors=True, revision=revision, trust_remote_code=trust_remote_code)
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
+    if quantization != "none":
+        from finetune.quantized_load import quantization_config
 
-        # All text weights are tied between encoder and decoder and the default skip list skips tied weights, so
-        # nothing would be quantised; name the modules to keep instead. The fused experts stay bf16 either way.
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=True,
-            llm_int8_skip_modules=[rf".*{name}.*" for name in NOT_QUANTISED],
-        )
+        kwargs["quantization_config"] = quantization_config(quantization, quant_type, dtype)
     if device == "cuda":
         kwargs["device_map"] = {"": 0}
     try:
@@ -372,8 +374,9 @@ def tokenizer_for(path: str, adapter: str | None = None, revision=None, trust_re
     return load_tokenizer(path, revision, trust_remote_code)
 
 
-def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None, load_in_4bit: bool = False,
-         attn: str = "sdpa", experts: str = "auto", revision: str | None = None, trust_remote_code: bool = False):
+def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None, quantization: str = "none",
+         attn: str = "sdpa", experts: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
+         quant_type: str = "nf4"):
     """The one way to load a base model, optionally with a saved adapter, and the tokenizer that goes with them.
 
     Every command uses it: training (no adapter), evaluation, export, the lm-eval model. ``path`` is a resolved
@@ -389,8 +392,8 @@ def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None
     check_architecture(path, revision, trust_remote_code)  # a wrong base or adapter fails before 52 GB load
     placement = adapter_placement(adapter) if adapter else None
     tokenizer = tokenizer_for(path, adapter, revision, trust_remote_code)
-    model = load_model(path, dtype_for(dtype, device), device, load_in_4bit, attn, experts, revision,
-                       trust_remote_code)
+    model = load_model(path, dtype_for(dtype, device), device, quantization, attn, experts, revision,
+                       trust_remote_code, quant_type)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
         if placement == "shared":
