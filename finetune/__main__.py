@@ -72,15 +72,25 @@ def check(argv: list) -> int:
 
 
 def in_place(argv: list) -> list:
-    """resume=PATH continues the run PATH belongs to in its own directory, unless output_dir names another (a new run
-    branched from that checkpoint)."""
+    """resume=PATH continues the run PATH belongs to: in its own directory (unless output_dir names another: a new
+    run branched from it) and with the overrides of that run's last launch (Hydra's <run>/.hydra/overrides.yaml)
+    beneath the ones given now, so that `python -m finetune resume=PATH` alone is the run's own command."""
+    from omegaconf import OmegaConf
+
     from finetune.checkpoints import resume_value, run_of
 
+    def key(override):
+        return override.split("=", 1)[0].lstrip("+~")
+
     values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
-    if not values or resume_value(values[-1]) in ("auto", "false") or "-m" in argv or "--multirun" in argv or any(
-            a.split("=", 1)[0].lstrip("+~") in ("output_dir", "hydra.run.dir") for a in argv if "=" in a):
+    if not values or resume_value(values[-1]) in ("auto", "false") or "-m" in argv or "--multirun" in argv:
         return argv
-    return argv + [f"output_dir={run_of(values[-1])}"]
+    run = run_of(values[-1])
+    given = {key(a) for a in argv if "=" in a}
+    launched = os.path.join(run, ".hydra", "overrides.yaml")
+    earlier = list(OmegaConf.load(launched)) if os.path.isfile(launched) else []
+    argv = [o for o in earlier if key(o) not in given | {"output_dir", "hydra.run.dir", "resume"}] + argv
+    return argv if given & {"output_dir", "hydra.run.dir"} else argv + [f"output_dir={run}"]
 
 
 def main(argv: list | None = None) -> int:

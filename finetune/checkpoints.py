@@ -28,10 +28,17 @@ TRACE = "trace.json"  # the loss of every micro-batch and its source rows, up to
 CONFIG = "config.yaml"  # the run's resolved config when the checkpoint was written
 STAGING = ".staging"  # <run>/checkpoints/.staging: where Trainer writes before a checkpoint is sealed
 # What a resume needs; a checkpoint without one of these is not complete, whatever its manifest says.
-REQUIRED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", TRACE,
-            CONFIG)
+REQUIRED = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+            TRACE, CONFIG)
+RNG = re.compile(r"^rng_state(_\d+)?\.pth$")  # rng_state.pth, or one per process (rng_state_<rank>.pth)
 FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _missing(names) -> list[str]:
+    """What a resume needs that ``names`` lacks."""
+    missing = [name for name in REQUIRED if name not in names]
+    return missing if any(RNG.match(n) for n in names) else missing + ["rng_state.pth"]
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
@@ -68,7 +75,7 @@ def seal(directory: str, info: dict) -> None:
         path = os.path.join(directory, name)
         _fsync(path)
         entries[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    missing = [name for name in REQUIRED if name not in entries]
+    missing = _missing(entries)
     if missing:  # our own bug or a Trainer change: never seal what cannot be resumed
         raise RuntimeError(f"checkpoint {directory} lacks {', '.join(missing)}: not sealed")
     write_json(os.path.join(directory, MANIFEST), {"format": FORMAT, **info, "files": entries})
@@ -80,10 +87,19 @@ def commit(sealed: str, final: str) -> None:
     """Rename a sealed checkpoint into place. A directory already there (a damaged checkpoint of the same step, left
     by a run that is being resumed from an earlier one) is kept beside it, not overwritten."""
     if os.path.exists(final):
-        aside = f"{final}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(final, aside)
+        os.replace(final, _free(f"{final}.replaced"))
     os.replace(sealed, final)
     _fsync(os.path.dirname(final))
+
+
+def _free(stem: str) -> str:
+    """<stem>-<time>, or -<time>-2, -3, ... when that name is taken: renaming aside never overwrites."""
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = name, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
 
 
 def rotate(root: str, keep: int) -> list[str]:
@@ -117,7 +133,7 @@ def verify(directory: str) -> str | None:
         entries = manifest(directory)["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({e})"
-    missing = [name for name in REQUIRED if name not in entries]
+    missing = _missing(entries)
     if missing:
         return f"{MANIFEST} does not list {', '.join(missing)}"
     for name, entry in entries.items():
@@ -152,7 +168,8 @@ def run_of(path: str) -> str:
 # Settings a resumed run may not change: the checkpoint's weights, optimizer state and data position mean nothing
 # under another base, LoRA shape or data stream. Anything else that differs (lr, max_steps, objective, ...) is
 # allowed and listed, since resuming with a lower lr after a NaN is a legitimate thing to do.
-FIXED = ("seed", "model.name_or_path", "model.tiny", "lora", "data", "train.batch_size", "train.grad_accum")
+FIXED = ("seed", "model.name_or_path", "model.tiny", "lora", "data", "train.batch_size", "train.grad_accum",
+         "train.seed")  # train.seed is also the sampler's data seed: another one replays another order
 # Settings that change nothing a resumed run continues (where it writes, what it reports, how it evaluates): not listed.
 UNLISTED = ("output_dir", "run_name", "resume", "cache_dir", "checkpoint", "plan", "eval", "export", "model.revision",
             "train.logging_steps", "train.report_to", "train.disable_tqdm", "data.eval_split", "data.eval_rows")
@@ -195,8 +212,10 @@ def compare(saved: dict, now: dict, checkpoint: str) -> list[str]:
     changed = []
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key), new.get(key)
-        # data.eval only names the held-out set, unless one side is null: then it also decides what train keeps
-        if before == after or _under(key, UNLISTED) or key == "data.eval" and None not in (before, after):
+        # data.eval only names the held-out set, unless one side is null: then it also decides what train keeps.
+        # A key the checkpoint's config lacks was added to the schema since: nothing to compare it with.
+        if before == after or key not in old or _under(key, UNLISTED) or key == "data.eval" and None not in (
+                before, after):
             continue
         if _under(key, FIXED):
             raise UserError(f"resume: {checkpoint} was trained with {key}={before!r}, this run says {after!r}: a "
@@ -218,9 +237,9 @@ def choose(resume, run_dir: str, config: dict) -> tuple[Decision, list[str]]:
 
     auto: the newest complete checkpoint of run_dir, in place; fresh when run_dir has none. false: fresh; checkpoints
     of an earlier run in run_dir are renamed aside. PATH: that checkpoint (or the newest complete one of that run
-    directory), checked strictly; into its own run directory, or into run_dir as a new run branched from it.
-    A run directory holding a finished adapter is only continued when PATH names one of its checkpoints, and then
-    that adapter is renamed aside.
+    directory), checked strictly; into its own run directory (newer checkpoints of that run, from the trajectory
+    being abandoned, are renamed aside), or into run_dir as a new run branched from it. A run directory holding a
+    finished adapter is only continued when PATH names it or one of its checkpoints; that adapter is renamed aside.
     """
     value = resume_value(resume)
     root = os.path.join(run_dir, CHECKPOINTS)
@@ -272,6 +291,11 @@ def choose(resume, run_dir: str, config: dict) -> tuple[Decision, list[str]]:
             raise UserError(f"output_dir {run_dir} already holds a run: to branch from {checkpoint}, give an "
                             "output_dir that is new or empty (nothing overwritten)")
     decision = Decision(checkpoint=checkpoint, changed=compare(_saved_config(checkpoint), config, checkpoint))
+    step = int(_NAME.match(os.path.basename(checkpoint)).group(1))
+    newer = [path for n, path in listed(root) if n > step] if value != "auto" else []
+    for path in reversed(newer):  # else rotation and resume=auto would take them for this run's newest
+        decision.set_aside.append(path)
+        warnings.append(f"resume: {path} is newer than {checkpoint}; it is kept as {path}.abandoned-<time>")
     if finished:
         decision.set_aside.append(adapter)
         warnings.append(f"resume: the finished adapter in {run_dir} is kept as {adapter}.replaced-{stamp}")
@@ -279,11 +303,12 @@ def choose(resume, run_dir: str, config: dict) -> tuple[Decision, list[str]]:
 
 
 def set_aside(paths: list[str]) -> None:
-    """Rename each path to <path>.old-<time> (checkpoints) or <path>.replaced-<time> (an adapter): nothing lost."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    """Rename each path aside, never deleting: <run>/checkpoints -> checkpoints.old-<time> (resume=false), an adapter
+    -> adapter.replaced-<time>, a checkpoint newer than the one resumed -> checkpoint-N.abandoned-<time>."""
     for path in paths:
-        suffix = "replaced" if os.path.basename(path) == "adapter" else "old"
-        os.replace(path, f"{path}.{suffix}-{stamp}")
+        name = os.path.basename(path)
+        suffix = "replaced" if name == "adapter" else "abandoned" if _NAME.match(name) else "old"
+        os.replace(path, _free(f"{path}.{suffix}"))
 
 
 def clean_staging(root: str) -> None:

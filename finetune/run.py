@@ -42,6 +42,11 @@ def training_objective(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
             "lora.placement=decoder leaves the encoder frozen, so objective.encoder_ar_weight has nothing to train: "
             "set objective.encoder_ar_weight=0 or lora.placement=shared"
         )
+    if cfg.lora.placement == "separate" and objective.encoder_ar_weight == 0:
+        # the decoder reads only the encoder's keys and values: without the encoder's own loss, the last encoder
+        # layer's query, output and MLP LoRA would get no gradient (the first step's check would stop the run)
+        raise UserError("lora.placement=separate with objective.encoder_ar_weight=0 leaves part of the encoder LoRA "
+                        "untrainable: use lora.placement=shared or decoder, or keep the encoder loss")
     return objective
 
 
@@ -145,9 +150,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
                   checkpoint=settings(cfg.checkpoint), resume_from=decision.checkpoint,
                   run_config=OmegaConf.to_container(cfg, resolve=True))
     train_seconds = time.time() - t0
-    if trainer.stopped_by:
-        name = signal.Signals(trainer.stopped_by).name
-        raise RunStopped(f"{name} at step {trainer.state.global_step}: checkpoint "
+    stopped = signal.Signals(trainer.stopped_by).name if trainer.stopped_by else None
+    if stopped and trainer.state.global_step < train_settings.max_steps:
+        raise RunStopped(f"{stopped} at step {trainer.state.global_step}: checkpoint "
                          f"{checkpoints.newest_complete(root)} written; to continue, run the same command with "
                          f"output_dir={run_dir} (resume=auto is the default)", code=128 + trainer.stopped_by)
     save_adapter(peft_model, tokenizer, os.path.join(run_dir, "adapter"))
@@ -172,6 +177,12 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     checkpoints.write_json(os.path.join(run_dir, checkpoints.TRACE), {"losses": losses, "rows": trainer.seen_rows})
     plot_loss(losses, logged, os.path.join(run_dir, "loss_curve.png"), train_settings.grad_accum)
 
+    if stopped:  # after the last step: the training is complete and saved; what follows is skipped
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        raise RunStopped(f"{stopped} after the last step: the adapter is saved in {run_dir}/adapter; evaluation and "
+                         f"export were skipped (python -m eval adapter={run_dir}/adapter runs the evaluation)",
+                         code=128 + trainer.stopped_by)
     if cfg.eval.enabled:
         from eval.compare import compare
 

@@ -79,6 +79,24 @@ class DiffusionTrainer(Trainer):
             self._parts["ar_loss"].append(float(out.ar_loss))
         return (out.loss, out) if return_outputs else out.loss
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """A checkpoint's optimizer and schedule state carry its learning rate, betas and weight decay; a resumed run
+        uses this run's (a lower train.lr after a NaN is the point of resuming with it), with the moments and the
+        step count from the checkpoint. With unchanged settings this is exactly what was saved."""
+        groups = self.optimizer.param_groups
+        fresh = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in groups]  # built from this run's args
+        fresh_base = list(self.lr_scheduler.base_lrs)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        for group, settings, base in zip(groups, fresh, fresh_base):
+            group.update(settings, initial_lr=base)
+        self.lr_scheduler.base_lrs = fresh_base
+        lrs = self.lr_scheduler.get_lr()  # this run's schedule at the checkpoint's step
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+        self.lr_scheduler._last_lr = list(lrs)
+
     @property
     def checkpoint_root(self) -> str:
         return os.path.dirname(self.args.output_dir)  # args.output_dir is <checkpoints>/.staging
@@ -119,11 +137,13 @@ class Guards(TrainerCallback):
 
     def __init__(self, scaler_in_use: bool = False):
         self.scaler_in_use = scaler_in_use  # float16 loss scaling skips steps with inf gradients on purpose
+        self.flow_checked = False  # the first optimizer step of this process: a fresh run's or a resumed one's
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         named = [(n, p) for n, p in model.named_parameters()]
-        if state.global_step == 0 and hasattr(model, "peft_config"):
-            _check_gradient_flow(named)
+        if not self.flow_checked and hasattr(model, "peft_config"):
+            _check_gradient_flow(named, state.global_step + 1)
+            self.flow_checked = True
         grads = [p.grad for _, p in named if p.grad is not None]
         if grads and not self.scaler_in_use:
             norm = float(torch.nn.utils.get_total_norm(grads))
@@ -131,18 +151,18 @@ class Guards(TrainerCallback):
                 raise GuardTripped(f"step {state.global_step + 1}: the gradient norm is {norm} (the loss was finite)")
 
 
-def _check_gradient_flow(named) -> None:
+def _check_gradient_flow(named, step: int) -> None:
     def some(names):
         return f"{len(names)}, e.g. {names[0]}"
 
     no_grad = [n for n, p in named if "lora_" in n and p.grad is None]
     if no_grad:
-        raise GuardTripped(f"step 1: LoRA parameters that received no gradient ({some(no_grad)}): they would never "
-                           "train; check lora.placement and lora.targets against the objective")
+        raise GuardTripped(f"step {step}: LoRA parameters that received no gradient ({some(no_grad)}): they would "
+                           "never train; check lora.placement and lora.targets against the objective")
     stray = [n for n, p in named if "lora_" not in n and (p.requires_grad or p.grad is not None)]
     if stray:
-        raise GuardTripped(f"step 1: parameters outside LoRA are set to train ({some(stray)}): the router, experts, "
-                           "base weights and embeddings must stay frozen")
+        raise GuardTripped(f"step {step}: parameters outside LoRA are set to train ({some(stray)}): the router, "
+                           "experts, base weights and embeddings must stay frozen")
 
 
 class StopOnSignal(TrainerCallback):
@@ -286,7 +306,8 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
                 trainer.train(resume_from_checkpoint=resume_from)
     except GuardTripped as e:
         last = checkpoints.newest_complete(output_dir)
-        kept = (f"the last good checkpoint is {last} (intact: resume=auto continues from it; a lower train.lr may "
+        kept = (f"the last good checkpoint is {last} (intact: the same command with output_dir="
+                f"{os.path.dirname(os.path.abspath(output_dir))} continues from it, and adding a lower train.lr may "
                 "help)") if last else "no checkpoint was written before it (checkpoint.every sets how often)"
         raise RunStopped(f"{e}; training stopped before the optimizer step, so nothing was updated with it; {kept}",
                          code=1) from None
@@ -294,4 +315,7 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
         if checkpoint is not None:
             checkpoints.clean_staging(output_dir)
     trainer.stopped_by = stop.signum
+    if stop.signum and trainer.state.global_step < settings.max_steps and not os.path.isdir(
+            os.path.join(output_dir, f"checkpoint-{trainer.state.global_step}")):
+        trainer._save_checkpoint(model, None)  # the signal came between the last step's end and train()'s return
     return trainer

@@ -95,3 +95,27 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(default_run, tmp_path):
     assert code == 130, output[-2000:]
     [(step, path)] = checkpoints.listed(str(tmp_path / "run" / "checkpoints"))
     assert checkpoints.verify(path) is None and f"SIGINT at step {step}" in output
+
+
+@pytest.mark.slow
+def test_a_signal_after_the_last_step_keeps_the_trained_adapter(default_run, tmp_path, monkeypatch):
+    """A signal between the last step's end and train()'s return (no step boundary follows): the finished training
+    is saved as the adapter, evaluation is skipped, and the exit code says it was stopped."""
+    import os
+
+    import finetune.train as train_module
+    from finetune.config import compose
+    from finetune.errors import RunStopped
+    from finetune.run import run
+
+    class LateSignal(train_module.StopOnSignal):
+        def on_train_end(self, args, state, control, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setenv("FINETUNE_CACHE", default_run[1]["FINETUNE_CACHE"])
+    monkeypatch.setattr(train_module, "StopOnSignal", LateSignal)
+    with pytest.raises(RunStopped) as stopped:
+        run(compose([f"output_dir={tmp_path / 'run'}", *ARGS, "train.max_steps=2", "eval.enabled=true"]))
+    assert stopped.value.code == 128 + signal.SIGTERM and "after the last step" in str(stopped.value)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "metrics.json").is_file() and not (tmp_path / "run" / "report.md").exists()

@@ -9,7 +9,7 @@ from finetune import checkpoints
 from finetune.__main__ import in_place
 from finetune.errors import UserError
 
-CONFIG = {"seed": 0, "lora": {"r": 4}, "train": {"lr": 0.002, "max_steps": 6}}
+CONFIG = {"seed": 0, "lora": {"r": 4}, "train": {"lr": 0.002, "max_steps": 6, "seed": 0}}
 
 
 def fake_checkpoint(run, step, config=CONFIG):
@@ -17,7 +17,7 @@ def fake_checkpoint(run, step, config=CONFIG):
     root = run / checkpoints.CHECKPOINTS
     staged = root / checkpoints.STAGING / f"checkpoint-{step}"
     staged.mkdir(parents=True)
-    for name in checkpoints.REQUIRED:
+    for name in (*checkpoints.REQUIRED, "rng_state.pth"):
         (staged / name).write_bytes(os.urandom(64))
     OmegaConf.save(OmegaConf.create(config), staged / checkpoints.CONFIG)
     checkpoints.seal(str(staged), {"step": step})
@@ -42,7 +42,7 @@ def test_sealed_checkpoint_verifies_and_each_kind_of_damage_is_named(tmp_path):
 
 def test_seal_refuses_a_checkpoint_that_could_not_be_resumed(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
-    with pytest.raises(RuntimeError, match="lacks optimizer.pt"):
+    with pytest.raises(RuntimeError, match="lacks adapter_config.json, optimizer.pt, .*rng_state.pth"):
         checkpoints.seal(str(tmp_path), {})
     assert not (tmp_path / checkpoints.MANIFEST).exists()
 
@@ -128,16 +128,35 @@ def test_resume_refuses_another_lora_and_lists_a_changed_learning_rate(tmp_path)
     fake_checkpoint(tmp_path, 2)
     with pytest.raises(UserError, match=r"lora.r=4, this run says 8"):
         checkpoints.choose("auto", str(tmp_path), {**CONFIG, "lora": {"r": 8}})
-    decision, _ = checkpoints.choose("auto", str(tmp_path), {**CONFIG, "train": {"lr": 0.001, "max_steps": 6},
-                                                               "output_dir": "elsewhere"})
-    assert decision.changed == ["train.lr: 0.002 -> 0.001"]
+    with pytest.raises(UserError, match=r"train.seed"):  # the sampler's data seed: another order
+        checkpoints.choose("auto", str(tmp_path), {**CONFIG, "train": {**CONFIG["train"], "seed": 1}})
+    decision, _ = checkpoints.choose("auto", str(tmp_path), {**CONFIG, "train": {**CONFIG["train"], "lr": 0.001},
+                                                               "output_dir": "elsewhere", "new_key": 1})
+    assert decision.changed == ["train.lr: 0.002 -> 0.001"]  # a key the checkpoint predates is not compared
 
 
-def test_python_m_finetune_resume_path_continues_in_that_run_directory(tmp_path):
-    checkpoint = str(tmp_path / "run" / "checkpoints" / "checkpoint-4")
-    assert in_place([f"resume={checkpoint}"])[-1] == f"output_dir={tmp_path / 'run'}"
-    assert in_place([f"resume={checkpoint}", "output_dir=new"]) == [f"resume={checkpoint}", "output_dir=new"]
+def test_python_m_finetune_resume_path_is_the_runs_own_command_in_its_own_directory(tmp_path):
+    run = tmp_path / "run"
+    checkpoint = str(run / "checkpoints" / "checkpoint-4")
+    assert in_place([f"resume={checkpoint}"]) == [f"resume={checkpoint}", f"output_dir={run}"]
+    (run / ".hydra").mkdir(parents=True)  # what Hydra kept of the run's last launch
+    OmegaConf.save(OmegaConf.create(["recipe=chat_spark", "train.lr=1e-4", f"output_dir={run}"]),
+                   run / ".hydra" / "overrides.yaml")
+    assert in_place([f"resume={checkpoint}", "train.lr=5e-5"]) == [
+        "recipe=chat_spark", f"resume={checkpoint}", "train.lr=5e-5", f"output_dir={run}"]
+    assert in_place([f"resume={checkpoint}", "output_dir=new"]) == [
+        "recipe=chat_spark", "train.lr=1e-4", f"resume={checkpoint}", "output_dir=new"]  # a branch
     assert in_place(["resume=auto"]) == ["resume=auto"]
+
+
+def test_resuming_an_older_checkpoint_keeps_the_abandoned_newer_ones_aside(tmp_path):
+    older = fake_checkpoint(tmp_path, 2)
+    newer = fake_checkpoint(tmp_path, 4)
+    decision, warnings = checkpoints.choose(str(older), str(tmp_path), CONFIG)
+    assert decision.checkpoint == str(older) and decision.set_aside == [str(newer)] and "abandoned" in warnings[0]
+    checkpoints.set_aside(decision.set_aside)
+    assert [step for step, _ in checkpoints.listed(str(tmp_path / "checkpoints"))] == [2]
+    assert any(p.name.startswith("checkpoint-4.abandoned-") for p in (tmp_path / "checkpoints").iterdir())
 
 
 def test_the_old_checkpoint_keys_name_their_new_ones_and_a_sweep_cannot_resume(capsys):

@@ -84,6 +84,7 @@ def test_every_recipe_opens_with_the_command_that_runs_it():
         (["objective.t_min=1.5"], "objective.t_min=1.5 must be in [0, 1)"),
         (["lora.targets=experts"], "lora.targets='experts': use one of attn_mlp, attn, mlp"),
         (["lora.placement=decoder"], "lora.placement=decoder leaves the encoder frozen"),
+        (["lora.placement=separate", "objective=unsloth"], "leaves part of the encoder LoRA untrainable"),
     ],
 )
 def test_invalid_settings_fail_before_any_work(tmp_path, args, expected):

@@ -25,10 +25,10 @@ from conftest import make_model
 RUN_CONFIG = {"seed": 0, "lora": {"r": 4}}
 
 
-def train(tokenizer, checkpoints_dir, max_steps=6, resume_from=None, callbacks=None, every=2, model=None):
+def train(tokenizer, checkpoints_dir, max_steps=6, resume_from=None, callbacks=None, every=2, model=None, lr=1e-2):
     model = model or attach_lora(make_model(tokenizer, seed=0, init=0.02), LoraSettings(r=4, alpha=8))
     examples, _ = build_examples(task_rows("shift", 24, 0), tokenizer, DataSettings(), 8, "d")
-    settings = TrainSettings(max_steps=max_steps, batch_size=4, grad_accum=1, lr=1e-2, warmup_steps=0,
+    settings = TrainSettings(max_steps=max_steps, batch_size=4, grad_accum=1, lr=lr, warmup_steps=0,
                              logging_steps=1, report_to="none", seed=0, disable_tqdm=True)
     trainer = fit(model, examples, settings, ObjectiveConfig(), 8, tokenizer.pad_token_id, str(checkpoints_dir),
                   callbacks=callbacks, checkpoint=CheckpointSettings(every=every, keep=3), resume_from=resume_from,
@@ -45,7 +45,7 @@ def reference(tokenizer, tmp_path_factory):
     """An uninterrupted run of 6 steps (6 batches over 24 rows: a resume crosses an epoch), checkpoints 2, 4, 6."""
     run = tmp_path_factory.mktemp("reference")
     trainer, model = train(tokenizer, run / "checkpoints")
-    return run, trainer.step_losses, lora_weights(model)
+    return run, trainer.step_losses, lora_weights(model), trainer.state.log_history
 
 
 def damage(path, how):
@@ -74,7 +74,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_for_the_previous_
 
 
 def test_the_run_resumed_from_the_fallback_is_bit_for_bit_the_uninterrupted_one(reference, tokenizer, tmp_path):
-    ref_run, ref_losses, ref_weights = reference
+    ref_run, ref_losses, ref_weights, _ = reference
     run = tmp_path / "run"
     shutil.copytree(ref_run, run)
     damage(run / "checkpoints" / "checkpoint-6", "wrong checksum")
@@ -86,6 +86,21 @@ def test_the_run_resumed_from_the_fallback_is_bit_for_bit_the_uninterrupted_one(
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "checkpoint-6" in names and any(n.startswith("checkpoint-6.replaced-") for n in names)  # damaged one kept
     assert checkpoints.verify(str(run / "checkpoints" / "checkpoint-6")) is None
+
+
+def test_a_resume_trains_with_this_runs_learning_rate_not_the_checkpoints(reference, tokenizer, tmp_path):
+    """The optimizer and schedule state come back from the checkpoint with its lr in them; a lower train.lr after a
+    NaN must take effect from the first resumed step on (here: half of it at every step)."""
+    shutil.copytree(reference[0], tmp_path / "run")
+    trainer, _ = train(tokenizer, tmp_path / "run" / "checkpoints", resume_from=str(
+        tmp_path / "run" / "checkpoints" / "checkpoint-4"), lr=5e-3)
+
+    def lrs(history):
+        return {e["step"]: e["learning_rate"] for e in history if "learning_rate" in e}
+
+    resumed, before = lrs(trainer.state.log_history), lrs(reference[3])
+    assert all(resumed[step] == before[step] for step in (1, 2, 3, 4))  # the checkpoint's history
+    assert all(resumed[step] == pytest.approx(before[step] / 2, rel=1e-12) for step in (5, 6))
 
 
 class PoisonGradient(TrainerCallback):
