@@ -28,6 +28,10 @@ from torch import nn
 
 QUANT_TYPES = ("nf4", "fp4")
 EXPERTS_BLOCKSIZE = 64  # bitsandbytes' default: one fp32 absmax per 64 values, 4.5 bits a value in all
+# Bytes a quantised value costs, as stored (the planner counts weights with these): experts as above; the dense
+# linears as bitsandbytes' Linear4bit with double quantisation (an 8-bit absmax per 64, an fp32 per 256 absmaxes)
+EXPERT_BYTES_PER_PARAM = 0.5 + 4 / EXPERTS_BLOCKSIZE
+DENSE_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 # The dense linears all4bit quantises: attention and dense MLP of the text layers of both stacks. The router, the
 # embeddings and head, the vision tower and the self-conditioning MLP stay as loaded (finetune.model.NOT_QUANTISED):

@@ -68,7 +68,8 @@ def main(overrides):
     sampler = threading.Thread(target=sample)
     sampler.start()
     model = load_model(cfg.model.name_or_path, dtype_for(cfg.model.dtype, "cpu"), "cpu",
-                       experts=cfg.model.experts_implementation)
+                       quantization=cfg.model.quantization, experts=cfg.model.experts_implementation,
+                       quant_type=cfg.model.quant_type)
     model = attach_lora(model, settings(cfg.lora)).train()
     prepare(model, settings(cfg.train))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
