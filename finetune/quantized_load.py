@@ -156,18 +156,17 @@ def _forget_expert_ties(model) -> None:
 
 def _forget_quantizer(model) -> None:
     """Leave the model as `finetune.quantize.quantize_experts` leaves a normally loaded one: no transformers
-    quantizer attached (its checks would refuse `.to()`, and `config.quantization_config` would be written into any
-    saved config.json, naming a method no other loader knows)."""
+    quantizer attached (its checks would refuse `.half()` and `.float()`, and `config.quantization_config` would be
+    written into any saved config.json, naming a method no other loader knows)."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_is_quantized"):
             del config._is_quantized
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
+    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
+        if attr in vars(model):
             delattr(model, attr)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.is_quantized = False
 
 
 @contextlib.contextmanager
