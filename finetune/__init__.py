@@ -1,4 +1,4 @@
-"""finetune: LoRA fine-tuning for DiffusionGemma (README.md). The pipeline is finetune.run; the schema finetune.config."""
+"""finetune: LoRA fine-tuning for DiffusionGemma (README.md); the pipeline is finetune.run."""
 
 import logging
 

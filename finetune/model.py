@@ -5,6 +5,8 @@ The built-in tiny base is a path like any other here: `finetune.pretrain` builds
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -14,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-from finetune.config import LoraSettings
+from finetune.config import QUANTIZATIONS, LoraSettings
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -159,10 +161,6 @@ def experts_for(requested: str, device: str) -> str:
     return "grouped_mm" if device == "cuda" else "eager"
 
 
-# Modules model.quantization=all4bit leaves unquantised (name fragments): the planner counts the same set.
-NOT_QUANTISED = ("lm_head", "vision", "router", "self_conditioning")
-
-
 def weights_note(quantization: str, quant_type: str, dtype) -> str:
     """Which weights a model runs on, for reports: the evaluation states whether it ran on a quantised base."""
     dtype = str(dtype).replace("torch.", "")
@@ -202,24 +200,36 @@ def _refuse_pickled(path: str) -> None:
             "and point model.name_or_path at the -safetensors directory")
 
 
+def check_quantization(quantization: str) -> None:
+    """model.quantization is known and, when it quantises, bitsandbytes is installed (before anything loads)."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"model.quantization={quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantization={quantization} needs bitsandbytes: pip install -e \".[quant]\"")
+
+
 def load_model(path: str, dtype: torch.dtype, device: str, quantization: str = "none", attn: str = "sdpa",
                experts: str = "auto", revision=None, trust_remote_code: bool = False, quant_type: str = "nf4"):
     """The base's weights, from safetensors only; a hub id at ``revision`` (pinned to one commit: `pin_revision`).
     ``trust_remote_code`` reaches transformers only so that a repository's custom generate code stays off unless
     the config allows it; the model class itself is native. ``quantization`` (experts4bit | all4bit) quantises as
     the weights stream in (finetune.quantized_load), so the bf16 model is never in memory at once."""
+    check_quantization(quantization)
     revision = pin_revision(path, revision)
     _refuse_pickled(path)
     kwargs = dict(dtype=dtype, attn_implementation=attn, experts_implementation=experts_for(experts, device),
                   use_safetensors=True, revision=revision, trust_remote_code=trust_remote_code)
-    if quantization != "none":
-        from finetune.quantized_load import quantization_config
+    reading = contextlib.nullcontext()
+    if quantization != "none":  # each expert tensor quantised as it is read: the bf16 model never exists at once
+        from finetune.quantized_load import quantization_config, streamed
 
-        kwargs["quantization_config"] = quantization_config(quantization, quant_type, dtype)
+        kwargs["quantization_config"] = quantization_config(quant_type)
+        reading = streamed()
     if device == "cuda":
         kwargs["device_map"] = {"": 0}
     try:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
+        with reading:
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
     except OSError as e:
         if "named model.safetensors" in str(e):  # a hub repo (a local one is refused above) without safetensors
             at = f" at revision {revision}" if revision is not None else ""
@@ -228,6 +238,10 @@ def load_model(path: str, dtype: torch.dtype, device: str, quantization: str = "
                             f"download it (huggingface-cli download {path} --local-dir DIR) and give "
                             "model.name_or_path=DIR to be shown the one-line conversion") from None
         raise UserError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from None
+    if quantization == "all4bit":  # the dense linears are 3.3 of the 26B's 52 GB: quantised once loaded
+        from finetune.quantize import quantize_dense
+
+        quantize_dense(model, quant_type)
     model.config._commit_hash = _commit_of(revision)  # not written by save_pretrained (transformers drops the key)
     return model
 

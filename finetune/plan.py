@@ -23,7 +23,6 @@ The plan is a model of what the code does, and most of it is the code itself, ru
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
 import contextlib
@@ -216,16 +215,14 @@ def _meta_model(config, dtype, lora):
 
 def _weight_parts(model, quantization: str) -> dict[str, int]:
     """Bytes of the frozen weights by part, each tied tensor once, as finetune.quantize stores what it quantises."""
-    from finetune.quantize import DENSE_BYTES_PER_PARAM, EXPERT_BYTES_PER_PARAM
+    from finetune.quantize import DENSE_BYTES_PER_PARAM, DENSE_LINEARS, EXPERT_BYTES_PER_PARAM
 
     parts = {"dense": 0, "experts": 0, "embeddings/head": 0, "vision tower": 0}
     base = model.get_base_model()
     dense4 = set()
-    if quantization == "all4bit":  # what finetune.quantize.quantize_dense quantises: text nn.Linear but NOT_QUANTISED
-        from finetune.model import NOT_QUANTISED
-
-        skip = re.compile("|".join(NOT_QUANTISED))
-        dense4 = {id(m.weight) for n, m in base.named_modules() if type(m) is torch.nn.Linear and not skip.search(n)}
+    if quantization == "all4bit":  # the linears finetune.quantize.quantize_dense quantises, by the same pattern
+        dense4 = {id(m.base_layer.weight if hasattr(m, "base_layer") else m.weight)
+                  for n, m in base.named_modules() if DENSE_LINEARS.search(n)}
     for name, p in base.named_parameters(remove_duplicate=True):
         if "lora_" in name:
             continue

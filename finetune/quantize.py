@@ -34,7 +34,7 @@ EXPERT_BYTES_PER_PARAM = 0.5 + 4 / EXPERTS_BLOCKSIZE
 DENSE_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 # The dense linears all4bit quantises: attention and dense MLP of the text layers of both stacks. The router, the
-# embeddings and head, the vision tower and the self-conditioning MLP stay as loaded (finetune.model.NOT_QUANTISED):
+# embeddings and head, the vision tower and the self-conditioning MLP stay as loaded:
 # anchoring on `layers.N.` leaves those out by construction.
 DENSE_LINEARS = re.compile(r"(^|\.)(encoder\.language_model|decoder)\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|"
                            r"mlp\.(gate|up|down)_proj)$")

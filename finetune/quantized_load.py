@@ -20,20 +20,17 @@ import functools
 
 import torch
 import transformers.modeling_utils
-from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from finetune.errors import UserError
-from finetune.quantize import install_experts4bit, quantize_dense, quantize_expert_weight
+from finetune.quantize import install_experts4bit, quantize_expert_weight
 
 METHOD = "finetune_experts4bit"  # transformers' registry key: a name no stock quantizer uses
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 EXPERT_KEYS = tuple(f".experts.{t}" for t in EXPERT_TENSORS)
-QUANTIZATIONS = ("experts4bit", "all4bit")
 
 
 def _is_experts(module) -> bool:
@@ -170,7 +167,7 @@ def _forget_quantizer(model) -> None:
 
 
 @contextlib.contextmanager
-def _read_not_mapped():
+def streamed():
     """transformers memory-maps every shard for the whole load, and each page read through a mapping stays in the
     process's resident set until the end: the whole bf16 checkpoint would count, reclaimable or not (a DGX Spark's
     CUDA allocations do not wait for the kernel to reclaim it). safetensors' ``pread`` backend reads each tensor into
@@ -192,36 +189,3 @@ def quantization_config(quant_type: str = "nf4") -> Experts4bitConfig:
     """The ``quantization_config`` that makes `from_pretrained` quantise the experts as they stream in."""
     _register()
     return Experts4bitConfig(quant_type=quant_type)
-
-
-def load_quantized(path: str, dtype: torch.dtype, device: str, quantization: str, quant_type: str = "nf4",
-                   revision=None, attn: str = "sdpa", experts: str = "auto", trust_remote_code: bool = False):
-    """The base with 4-bit experts (``experts4bit``; ``all4bit`` also the dense text linears, quantised once loaded),
-    never the bf16 model in memory at once: host and device peak the quantised model plus the largest bf16 tensor
-    being quantised. Same revision pinning, safetensors-only and remote-code rules as `finetune.model.load_model`."""
-    from finetune.model import _commit_of, _refuse_pickled, experts_for, pin_revision
-
-    if quantization not in QUANTIZATIONS:
-        raise UserError(f"model.quantization={quantization!r}: use none, experts4bit or all4bit")
-    revision = pin_revision(path, revision)
-    _refuse_pickled(path)
-    kwargs = dict(dtype=dtype, attn_implementation=attn, experts_implementation=experts_for(experts, device),
-                  use_safetensors=True, revision=revision, trust_remote_code=trust_remote_code,
-                  quantization_config=quantization_config(quant_type))
-    if device == "cuda":
-        kwargs["device_map"] = {"": 0}
-    try:
-        with _read_not_mapped():
-            model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
-    except OSError as e:  # as finetune.model.load_model says it
-        if "named model.safetensors" in str(e):  # a hub repo (a local one is refused above) without safetensors
-            at = f" at revision {revision}" if revision is not None else ""
-            raise UserError(f"{path}{at} has no safetensors weights (model.safetensors), and this toolkit does not "
-                            "load pickled .bin weights (unpickling can run code): pick a revision that has them, or "
-                            f"download it (huggingface-cli download {path} --local-dir DIR) and give "
-                            "model.name_or_path=DIR to be shown the one-line conversion") from None
-        raise UserError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from None
-    if quantization == "all4bit":
-        quantize_dense(model, quant_type)
-    model.config._commit_hash = _commit_of(revision)
-    return model

@@ -22,8 +22,8 @@ from finetune.config import check as check_settings
 from finetune.config import settings
 from finetune.data import eval_prompts, load_splits
 from finetune.errors import RunStopped, UserError
-from finetune.model import (attach_lora, base_commit, count_parameters, load, resolve_device, resolve_model_path,
-                            target_regex, weights_note)
+from finetune.model import (attach_lora, base_commit, check_quantization, count_parameters, load, resolve_device,
+                            resolve_model_path, target_regex, weights_note)
 from finetune.objective import ObjectiveConfig, objective_settings
 from finetune.plan import refuse_if_it_cannot_fit
 from finetune.pretrain import base_model_path
@@ -56,6 +56,7 @@ def check(cfg: DictConfig, run_dir: str | None = None):
     check_settings(cfg)
     training_objective(cfg)
     target_regex(settings(cfg.lora))
+    check_quantization(cfg.model.quantization)
     settings(cfg.export).validate(allow_none=True)
     if cfg.eval.enabled:  # a typo in eval.* must not wait for the end of training to show
         from eval.compare import validate

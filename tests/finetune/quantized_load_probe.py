@@ -2,8 +2,9 @@
 
     python tests/finetune/quantized_load_probe.py DIR streamed|then_quantize [--compare]
 
-streamed: `finetune.quantized_load.load_quantized` (experts quantised as the checkpoint streams in); then_quantize:
-`finetune.model.load_model` then `finetune.quantize.quantize_experts`, the route that holds the bf16 model first.
+streamed: `finetune.model.load_model` with model.quantization (experts quantised as the checkpoint streams in);
+then_quantize: `finetune.model.load_model` then `finetune.quantize.quantize_experts`, the route that holds the bf16
+model first.
 peak: the kernel's high-water mark of resident memory (VmHWM, reset just before the load: no sampling to miss a
 spike) less the resident memory before it; quantize_one: the same for quantising one bf16 tensor of the largest
 expert shape (the quantiser's working memory); held: the bytes of every tensor the loaded model keeps (parameters,
@@ -28,10 +29,9 @@ def status() -> dict:
 def load(path: str, how: str):
     from finetune.model import load_model
     from finetune.quantize import quantize_experts
-    from finetune.quantized_load import load_quantized
 
     if how == "streamed":
-        return load_quantized(path, torch.bfloat16, "cpu", "experts4bit", experts="eager")
+        return load_model(path, torch.bfloat16, "cpu", "experts4bit", experts="eager")
     model = load_model(path, torch.bfloat16, "cpu", experts="eager")
     quantize_experts(model)
     return model

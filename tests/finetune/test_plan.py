@@ -36,13 +36,6 @@ def mid_model(tmp_path_factory, tokenizer):
     return str(path)
 
 
-@pytest.mark.parametrize("settings", [
-    ["data.max_prompt_tokens=256", "data.max_response_canvases=2", "train.batch_size=2"],  # weights ~ 60%
-    ["data.max_prompt_tokens=1024", "data.max_response_canvases=4", "train.batch_size=2",
-     "train.gradient_checkpointing=true"],  # checkpointed: kept inputs, one layer recomputed
-    ["data.max_prompt_tokens=512", "train.batch_size=2", "lora.placement=decoder",
-     "objective.self_conditioning_p=0"],  # a frozen encoder keeps nothing
-])
 def probe(mid_model, settings) -> dict:
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "finetune", "plan_probe.py"),
                              json.dumps([f"model.name_or_path={mid_model}", *settings])],
@@ -51,6 +44,13 @@ def probe(mid_model, settings) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("settings", [
+    ["data.max_prompt_tokens=256", "data.max_response_canvases=2", "train.batch_size=2"],  # weights ~ 60%
+    ["data.max_prompt_tokens=1024", "data.max_response_canvases=4", "train.batch_size=2",
+     "train.gradient_checkpointing=true"],  # checkpointed: kept inputs, one layer recomputed
+    ["data.max_prompt_tokens=512", "train.batch_size=2", "lora.placement=decoder",
+     "objective.self_conditioning_p=0"],  # a frozen encoder keeps nothing
+])
 def test_predicted_peak_is_within_15_percent_of_measured_rss_growth(mid_model, settings):
     numbers = probe(mid_model, settings)
     ratio = numbers["predicted"] / numbers["measured"]

@@ -16,7 +16,6 @@ from conftest import ROOT, make_model
 from finetune.errors import UserError
 from finetune.model import attach_lora, base_commit, load_model, text_layers
 from finetune.quantize import quantize_dense, quantize_experts
-from finetune.quantized_load import load_quantized
 
 F32 = torch.float32
 
@@ -63,7 +62,7 @@ def assert_same_model(streamed, reference):
 def test_a_sharded_checkpoint_streams_into_the_model_load_then_quantize_gives(tokenizer, tmp_path):
     make_model(tokenizer).save_pretrained(tmp_path / "base", max_shard_size="100KB")
     assert len([f for f in os.listdir(tmp_path / "base") if f.endswith(".safetensors")]) > 5
-    model = load_quantized(str(tmp_path / "base"), F32, "cpu", "experts4bit", experts="eager")
+    model = load_model(str(tmp_path / "base"), F32, "cpu", "experts4bit", experts="eager")
     assert_same_model(model, then_quantize(str(tmp_path / "base")))
     # the encoder's experts are the decoder's: one 4-bit storage each, used by both passes
     n = len(experts_of(model)) // 2
@@ -103,7 +102,7 @@ def test_every_way_a_checkpoint_can_hold_the_tied_experts_loads_as_from_pretrain
     make_model(tokenizer).save_pretrained(tmp_path)
     rewrite_experts(tmp_path, how)
     torch.manual_seed(0)  # "missing": both routes initialise the absent experts from the same seed
-    model = load_quantized(str(tmp_path), F32, "cpu", "experts4bit", experts="eager")
+    model = load_model(str(tmp_path), F32, "cpu", "experts4bit", experts="eager")
     torch.manual_seed(0)
     assert_same_model(model, then_quantize(str(tmp_path)))
     n = len(experts_of(model)) // 2
@@ -113,7 +112,7 @@ def test_every_way_a_checkpoint_can_hold_the_tied_experts_loads_as_from_pretrain
 
 def test_all4bit_also_quantises_the_dense_linears_as_quantize_dense_does(tokenizer, tmp_path):
     make_model(tokenizer).save_pretrained(tmp_path)
-    model = load_quantized(str(tmp_path), F32, "cpu", "all4bit", experts="eager")
+    model = load_model(str(tmp_path), F32, "cpu", "all4bit", experts="eager")
     reference = then_quantize(str(tmp_path))
     quantize_dense(reference)
     torch.testing.assert_close(logits(model), logits(reference), rtol=0, atol=0)
@@ -125,20 +124,20 @@ def test_all4bit_also_quantises_the_dense_linears_as_quantize_dense_does(tokeniz
 
 
 def test_a_hub_base_streams_in_at_its_revision(hub, tokenizer):  # noqa: F811
-    model = load_quantized(REPO, F32, "cpu", "experts4bit", revision="v1")
+    model = load_model(REPO, F32, "cpu", "experts4bit", revision="v1")
     assert base_commit(model) == OTHER and model.config.canvas_length == CANVAS[OTHER]
 
 
 def test_refusals_are_one_line(tokenizer, tmp_path):
     make_model(tokenizer).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="model.quantization='int4': use none, experts4bit or all4bit"):
-        load_quantized(str(tmp_path), F32, "cpu", "int4")
+    with pytest.raises(UserError, match="model.quantization='int4': use one of none, experts4bit, all4bit"):
+        load_model(str(tmp_path), F32, "cpu", "int4")
     with pytest.raises(UserError, match="model.revision='main'.*set model.revision=null"):
-        load_quantized(str(tmp_path), F32, "cpu", "experts4bit", revision="main")
+        load_model(str(tmp_path), F32, "cpu", "experts4bit", revision="main")
     torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(UserError, match="holds only pickled weights"):
-        load_quantized(str(tmp_path), F32, "cpu", "experts4bit")
+        load_model(str(tmp_path), F32, "cpu", "experts4bit")
 
 
 def mid_config(tokenizer, layers, experts, hidden, moe, dense):
@@ -196,3 +195,16 @@ def test_a_mid_size_load_peaks_near_its_quantised_size_never_the_bf16_model(toke
     # on it (bitsandbytes' CPU kernel takes about 7 times the tensor's bytes)
     assert numbers["peak"] - numbers["end"] < numbers["quantize_one"] + largest + 8 * 2**20, numbers
     assert numbers["end"] < numbers["held"] + 16 * 2**20, numbers  # module objects and allocator: not tensors
+
+
+def test_without_bitsandbytes_a_quantised_run_is_refused_saying_what_to_install(monkeypatch):
+    import importlib.util
+
+    from finetune.model import check_quantization
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(UserError, match=r'experts4bit needs bitsandbytes: pip install -e ".\[quant\]"'):
+        check_quantization("experts4bit")
+    check_quantization("none")  # the default needs nothing
