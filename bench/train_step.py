@@ -353,10 +353,17 @@ def peak_tflops(override: float | None) -> tuple[str, float | None]:
 
 
 # --- cases --------------------------------------------------------------------------------------------------------
-def lora_model(config: DiffusionGemmaConfig, device: str, dtype: torch.dtype, seed: int = 0):
+def lora_model(config: DiffusionGemmaConfig, device: str, dtype: torch.dtype, seed: int = 0,
+               quantization: str = "none"):
     torch.manual_seed(seed)
     with torch.device(device):
         model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if quantization != "none":  # as model.quantization does it after loading (finetune.quantize)
+        from finetune.quantize import quantize_dense, quantize_experts
+
+        if quantization == "all4bit":
+            quantize_dense(model)
+        quantize_experts(model)
     model = attach_lora(model, LoraSettings())
     model.train()
     return model
@@ -429,8 +436,9 @@ def real_case(args, device: str, case: str) -> tuple[list, str | None]:
         config = slice_config(config, args.layers)
     text = config.text_config
     c, vocab = config.canvas_length, text.vocab_size
-    model = lora_model(config, device, torch.bfloat16)
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    model = lora_model(config, device, torch.bfloat16, quantization=args.quantization)
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}
+                  .values())
     rows = []
     for recipe in args.recipes:
         cfg = compose([f"recipe={recipe}"])
@@ -449,12 +457,12 @@ def real_case(args, device: str, case: str) -> tuple[list, str | None]:
             autocast=torch.bfloat16 if cfg.hardware.bf16 else None, checkpointing=checkpointing,
             extra={"recipe": recipe, "weights_gb": weights / GB, "layers": text.num_hidden_layers})
         got = report(case, model, work, variants_for({"": objective}, args.experts, args.compile), device, args)
-        compare_with_plan(config, recipe, checkpointing, got)
+        compare_with_plan(config, recipe, checkpointing, got, args.quantization)
         rows += got
     return rows, None
 
 
-def compare_with_plan(config, recipe: str, checkpointing: bool, rows: list) -> None:
+def compare_with_plan(config, recipe: str, checkpointing: bool, rows: list, quantization: str = "none") -> None:
     """The planner's prediction (python -m finetune.plan) for this model and recipe beside the measured total (issue
     10: within 15%). The bench takes no optimizer step, so AdamW's two moments (8 bytes per LoRA parameter) are left
     out of the prediction."""
@@ -466,7 +474,8 @@ def compare_with_plan(config, recipe: str, checkpointing: bool, rows: list) -> N
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
         cfg = compose([f"recipe={recipe}", f"model.name_or_path={tmp}", "model.dtype=bfloat16",
-                       f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+                       f"train.gradient_checkpointing={str(checkpointing).lower()}",
+                       f"model.quantization={quantization}"])
         predicted = plan(cfg)
     lora = next(b for name, b, _ in predicted.parts if name.startswith("LoRA"))
     expected = predicted.peak - lora // 2  # 16 bytes per parameter in the plan; 8 without the optimizer
@@ -541,6 +550,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions first")
     parser.add_argument("--experts", default="eager", help="comma list of experts implementations for lean")
     parser.add_argument("--layers", type=int, default=2, help="--case slice: how many of the 30 layers")
+    parser.add_argument("--quantization", default="none", choices=("none", "experts4bit", "all4bit"),
+                        help="--case slice|full: 4-bit frozen weights (finetune/quantize.py), planned the same way")
     parser.add_argument("--recipes", default="chat_spark,chat_rtx", help="--case slice|full: sequence settings from")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="finetune.checkpointing on/off; default: the recipe's train.gradient_checkpointing "

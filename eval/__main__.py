@@ -44,7 +44,8 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     from finetune.cli import show_config, take
     from finetune.config import check, compose, recipe_choice, settings
     from finetune.data import eval_prompts, load_splits
-    from finetune.model import adapter_base, adapter_revision, base_commit, load, resolve_device, resolve_model_path
+    from finetune.model import (adapter_base, adapter_revision, base_commit, base_of, load, resolve_device,
+                                resolve_model_path, weights_note)
     from finetune.objective import objective_settings
     from finetune.pretrain import base_model_path
 
@@ -69,9 +70,9 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
         cfg.model.revision
     path = resolve_model_path(base) if adapter else base_model_path(settings(cfg.model), cfg.cache_dir)
     model, tokenizer, placement = load(path, device, cfg.model.dtype, adapter=adapter,
-                                       load_in_4bit=cfg.model.load_in_4bit, attn=cfg.model.attn_implementation,
-                                       experts=cfg.model.experts_implementation, revision=revision,
-                                       trust_remote_code=cfg.model.trust_remote_code)
+                                       quantization=cfg.model.quantization, quant_type=cfg.model.quant_type,
+                                       attn=cfg.model.attn_implementation, experts=cfg.model.experts_implementation,
+                                       revision=revision, trust_remote_code=cfg.model.trust_remote_code)
     canvas_length = (model.get_base_model() if adapter else model).config.canvas_length
     objective = objective_settings(cfg.objective, tokenizer)
     data = settings(cfg.data)
@@ -80,6 +81,7 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     print(f"model: {path}" + (f" + adapter {adapter} ({placement} LoRA)" if adapter else " (no adapter: base only)")
           + f" | held-out {min(len(rows), eval_cfg['max_examples'])} of {stats.read} rows | report in {out_dir}")
     meta = {"recipe": recipe_choice(overrides), "base_model": path, "base_commit": base_commit(model),
+            "base_weights": weights_note(cfg.model.quantization, cfg.model.quant_type, base_of(model).dtype),
             "adapter_path": adapter, "adapter_placement": placement}
     report = compare(model, tokenizer, pairs, examples, objective, canvas_length, eval_cfg,
                      out_dir=out_dir, has_adapter=adapter is not None, data_settings=data, meta=meta)

@@ -43,13 +43,18 @@ class TinyBaseSettings:
 
 
 EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
+QUANTIZATIONS = ("none", "experts4bit", "all4bit")
+QUANT_TYPES = ("nf4", "fp4")
 
 
 @dataclass
 class ModelSettings:
     name_or_path: str = "tiny"  # tiny (built in), a hub id (google/diffusiongemma-26B-A4B-it) or a local directory
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU | float32 | bfloat16 | float16
-    load_in_4bit: bool = False  # bitsandbytes NF4 for the dense text linears (3.3 -> 0.9 GB); the 46 GB of experts stay
+    # none | experts4bit: the 128 frozen experts per layer in 4 bits (45.7 -> ~12.9 GB for the 26B model) | all4bit:
+    # the dense text linears too (3.3 -> ~0.9 GB); the LoRA adapter is the same as on the bf16 base
+    quantization: str = "none"
+    quant_type: str = "nf4"  # 4-bit format: nf4 | fp4 (finetune/quantize.py says why nf4)
     attn_implementation: str = "sdpa"  # the training masks are boolean 4-D masks, which sdpa takes as they are
     # how the 128 frozen experts run: auto (eager on CPU, grouped_mm on CUDA: bench/experts.py) | eager |
     # grouped_mm | batched_mm (copies each token's expert weights: inference only)
@@ -59,6 +64,9 @@ class ModelSettings:
     tiny: TinyBaseSettings = field(default_factory=TinyBaseSettings)  # used only when name_or_path is tiny
 
     def __post_init__(self):
+        for key, allowed in (("quantization", QUANTIZATIONS), ("quant_type", QUANT_TYPES)):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"model.{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
         if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
             raise UserError(f"model.experts_implementation={self.experts_implementation!r}: use one of "
                             f"{', '.join(EXPERTS_IMPLEMENTATIONS)}")
@@ -427,6 +435,7 @@ RENAMED = {
     "train.save_steps": "checkpoint.every (steps between checkpoints)",
     "train.save_total_limit": "checkpoint.keep (complete checkpoints kept)",
     "train.resume_from_checkpoint": "resume=PATH (or resume=auto with output_dir=<run>, the default)",
+    "model.load_in_4bit": "model.quantization (experts4bit: the experts in 4 bits; all4bit: the dense linears too)",
 }
 
 

@@ -5,6 +5,8 @@ The built-in tiny base is a path like any other here: `finetune.pretrain` builds
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -14,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-from finetune.config import LoraSettings
+from finetune.config import QUANTIZATIONS, LoraSettings
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -159,8 +161,13 @@ def experts_for(requested: str, device: str) -> str:
     return "grouped_mm" if device == "cuda" else "eager"
 
 
-# Modules model.load_in_4bit leaves unquantised (name fragments): the planner counts the same set.
-NOT_QUANTISED = ("lm_head", "vision", "router", "self_conditioning")
+def weights_note(quantization: str, quant_type: str, dtype) -> str:
+    """Which weights a model runs on, for reports: the evaluation states whether it ran on a quantised base."""
+    dtype = str(dtype).replace("torch.", "")
+    if quantization == "none":
+        return f"{dtype} (as loaded)"
+    what = "experts" if quantization == "experts4bit" else "experts and dense text linears"
+    return f"{what} in 4-bit {quant_type.upper()} (model.quantization={quantization}), the rest {dtype}"
 
 
 def base_of(model):
@@ -193,31 +200,36 @@ def _refuse_pickled(path: str) -> None:
             "and point model.name_or_path at the -safetensors directory")
 
 
-def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = False, attn: str = "sdpa",
-               experts: str = "auto", revision=None, trust_remote_code: bool = False):
+def check_quantization(quantization: str) -> None:
+    """model.quantization is known and, when it quantises, bitsandbytes is installed (before anything loads)."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"model.quantization={quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantization={quantization} needs bitsandbytes: pip install -e \".[quant]\"")
+
+
+def load_model(path: str, dtype: torch.dtype, device: str, quantization: str = "none", attn: str = "sdpa",
+               experts: str = "auto", revision=None, trust_remote_code: bool = False, quant_type: str = "nf4"):
     """The base's weights, from safetensors only; a hub id at ``revision`` (pinned to one commit: `pin_revision`).
     ``trust_remote_code`` reaches transformers only so that a repository's custom generate code stays off unless
-    the config allows it; the model class itself is native."""
+    the config allows it; the model class itself is native. ``quantization`` (experts4bit | all4bit) quantises as
+    the weights stream in (finetune.quantized_load), so the bf16 model is never in memory at once."""
+    check_quantization(quantization)
     revision = pin_revision(path, revision)
     _refuse_pickled(path)
     kwargs = dict(dtype=dtype, attn_implementation=attn, experts_implementation=experts_for(experts, device),
                   use_safetensors=True, revision=revision, trust_remote_code=trust_remote_code)
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
+    reading = contextlib.nullcontext()
+    if quantization != "none":  # each expert tensor quantised as it is read: the bf16 model never exists at once
+        from finetune.quantized_load import quantization_config, streamed
 
-        # All text weights are tied between encoder and decoder and the default skip list skips tied weights, so
-        # nothing would be quantised; name the modules to keep instead. The fused experts stay bf16 either way.
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=True,
-            llm_int8_skip_modules=[rf".*{name}.*" for name in NOT_QUANTISED],
-        )
+        kwargs["quantization_config"] = quantization_config(quant_type)
+        reading = streamed()
     if device == "cuda":
         kwargs["device_map"] = {"": 0}
     try:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
+        with reading:
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
     except OSError as e:
         if "named model.safetensors" in str(e):  # a hub repo (a local one is refused above) without safetensors
             at = f" at revision {revision}" if revision is not None else ""
@@ -226,6 +238,10 @@ def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = 
                             f"download it (huggingface-cli download {path} --local-dir DIR) and give "
                             "model.name_or_path=DIR to be shown the one-line conversion") from None
         raise UserError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from None
+    if quantization == "all4bit":  # the dense linears are 3.3 of the 26B's 52 GB: quantised once loaded
+        from finetune.quantize import quantize_dense
+
+        quantize_dense(model, quant_type)
     model.config._commit_hash = _commit_of(revision)  # not written by save_pretrained (transformers drops the key)
     return model
 
@@ -372,8 +388,9 @@ def tokenizer_for(path: str, adapter: str | None = None, revision=None, trust_re
     return load_tokenizer(path, revision, trust_remote_code)
 
 
-def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None, load_in_4bit: bool = False,
-         attn: str = "sdpa", experts: str = "auto", revision: str | None = None, trust_remote_code: bool = False):
+def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None, quantization: str = "none",
+         attn: str = "sdpa", experts: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
+         quant_type: str = "nf4"):
     """The one way to load a base model, optionally with a saved adapter, and the tokenizer that goes with them.
 
     Every command uses it: training (no adapter), evaluation, export, the lm-eval model. ``path`` is a resolved
@@ -389,8 +406,8 @@ def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None
     check_architecture(path, revision, trust_remote_code)  # a wrong base or adapter fails before 52 GB load
     placement = adapter_placement(adapter) if adapter else None
     tokenizer = tokenizer_for(path, adapter, revision, trust_remote_code)
-    model = load_model(path, dtype_for(dtype, device), device, load_in_4bit, attn, experts, revision,
-                       trust_remote_code)
+    model = load_model(path, dtype_for(dtype, device), device, quantization, attn, experts, revision,
+                       trust_remote_code, quant_type)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
         if placement == "shared":

@@ -6,7 +6,8 @@ The plan is a model of what the code does, and most of it is the code itself, ru
 (shapes and dtypes, no memory, no weights, about a second for the 26B config):
 - weights: the real model class built on meta from the run's config (the shipped 26B config for the hub id),
   counted by dtype and part (dense text layers, experts, embeddings/head, vision tower); 4-bit where
-  model.load_in_4bit quantises (the dense text linears, NF4 with double quantisation);
+  model.quantization quantises (experts4bit: the experts, as finetune.quantize stores them; all4bit: the dense text
+  linears too), each tied tensor once;
 - LoRA: `finetune.model.attach_lora` on that meta model: fp32 weights, gradients and AdamW's two moments;
 - activations: one training step's encoder and decoder passes (`finetune.objective.encode` / `decode`) on meta
   inputs of the run's largest shapes (batch x (prompt + response) for the encoder, batch x one canvas for the
@@ -22,9 +23,9 @@ The plan is a model of what the code does, and most of it is the code itself, ru
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from unittest import mock
@@ -42,7 +43,6 @@ SHIPPED = {"google/diffusiongemma-26B-A4B-it": SHIPPED_DIR}  # hub ids whose con
 CUDA_CONTEXT = int(0.8 * GB)  # the driver's context and cuBLAS workspaces: outside PyTorch's allocator
 BACKWARD_FACTOR = 0.0  # backward frees a layer's saved tensors as it makes its gradients: no peak above forward
 RECOMPUTE_FACTOR = 1.0  # with checkpointing: one layer recomputed at a time
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + an 8-bit absmax per 64 + an fp32 per 256 absmaxes
 
 
 def model_config(model: ModelSettings):
@@ -102,6 +102,23 @@ class _PlannedExperts(torch.autograd.Function):
         raise NotImplementedError
 
 
+class _PlannedRecomputedExperts(torch.autograd.Function):
+    """4-bit experts (finetune.quantize): the block keeps only its inputs; backward dequantizes and recomputes it."""
+
+    @staticmethod
+    def forward(ctx, hidden, index, weights):
+        ctx.save_for_backward(hidden, index, weights)
+        return torch.empty_like(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+
+def _recomputed_experts(self, hidden_states, top_k_index, top_k_weights):
+    return _PlannedRecomputedExperts.apply(hidden_states, top_k_index, top_k_weights)
+
+
 def _grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
     return _PlannedExperts.apply(mat_a, mat_b)
 
@@ -137,7 +154,11 @@ class _Saved:
 
 
 @contextmanager
-def _tracking(saved: _Saved, layers: dict[str, list]):
+def _tracking(saved: _Saved, layers: dict[str, list], quantized_experts: bool = False):
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
+
+    experts = mock.patch.object(DiffusionGemmaTextExperts, "forward", _recomputed_experts) if quantized_experts \
+        else contextlib.nullcontext()
     handles = []
     for name, group in layers.items():
         for i, layer in enumerate(group):
@@ -146,7 +167,7 @@ def _tracking(saved: _Saved, layers: dict[str, list]):
     try:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
                 mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _attention), \
-                mock.patch.object(torch.nn.functional, "grouped_mm", _grouped_mm, create=True):
+                mock.patch.object(torch.nn.functional, "grouped_mm", _grouped_mm, create=True), experts:
             yield
     finally:
         for h in handles:
@@ -192,26 +213,28 @@ def _meta_model(config, dtype, lora):
     return _MODELS[key]
 
 
-def _weight_parts(model, load_in_4bit: bool) -> dict[str, int]:
+def _weight_parts(model, quantization: str) -> dict[str, int]:
+    """Bytes of the frozen weights by part, each tied tensor once, as finetune.quantize stores what it quantises."""
+    from finetune.quantize import DENSE_BYTES_PER_PARAM, DENSE_LINEARS, EXPERT_BYTES_PER_PARAM
+
     parts = {"dense": 0, "experts": 0, "embeddings/head": 0, "vision tower": 0}
     base = model.get_base_model()
-    quantised = set()
-    if load_in_4bit:  # what finetune.model.load_model quantises: text nn.Linear except NOT_QUANTISED
-        from finetune.model import NOT_QUANTISED
-
-        skip = re.compile("|".join(NOT_QUANTISED))
-        quantised = {id(m.weight) for n, m in base.named_modules()
-                     if type(m) is torch.nn.Linear and not skip.search(n)}
+    dense4 = set()
+    if quantization == "all4bit":  # the linears finetune.quantize.quantize_dense quantises, by the same pattern
+        dense4 = {id(m.base_layer.weight if hasattr(m, "base_layer") else m.weight)
+                  for n, m in base.named_modules() if DENSE_LINEARS.search(n)}
     for name, p in base.named_parameters(remove_duplicate=True):
         if "lora_" in name:
             continue
         part = ("vision tower" if "vision" in name else "experts" if ".experts." in name
                 else "embeddings/head" if "embed_tokens" in name or "lm_head" in name else "dense")
-        parts[part] += int(p.numel() * (NF4_BYTES if id(p) in quantised else p.element_size()))
+        per = (EXPERT_BYTES_PER_PARAM if part == "experts" and quantization != "none"
+               else DENSE_BYTES_PER_PARAM if id(p) in dense4 else p.element_size())
+        parts[part] += int(p.numel() * per)
     return parts
 
 
-def _activations(model, shapes: Shapes) -> dict[str, int]:
+def _activations(model, shapes: Shapes, quantized_experts: bool = False) -> dict[str, int]:
     """Saved bytes per layer of the encoder pass and the decoder pass with gradient, from the meta run.
 
     Layers of one kind (sliding or full attention) keep the same tensors, so the passes run through the first
@@ -231,7 +254,7 @@ def _activations(model, shapes: Shapes) -> dict[str, int]:
     depth = text.num_hidden_layers
     text.num_hidden_layers = measured  # both passes loop over layers[:num_hidden_layers]
     try:
-        with _tracking(saved, layers):
+        with _tracking(saved, layers, quantized_experts):
             with torch.set_grad_enabled(encoder_trains):
                 _, cache = encode(base, ids)
             saved.where = "decoder input"
@@ -300,15 +323,17 @@ def plan(cfg: DictConfig) -> Plan:
     objective = cfg.objective
     result = Plan(hardware.profile, device, context=CUDA_CONTEXT if device == "cuda" else 0)
 
-    weights = _weight_parts(model, cfg.model.load_in_4bit)
+    quantization = cfg.model.quantization
+    weights = _weight_parts(model, quantization)
     for part, nbytes in weights.items():
         if nbytes:
-            result.parts.append((f"weights: {part}", nbytes, _dtype_note(part, dtype, cfg.model.load_in_4bit)))
+            result.parts.append((f"weights: {part}", nbytes, _dtype_note(part, dtype, quantization,
+                                                                          cfg.model.quant_type)))
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     result.parts.append(("LoRA weights + gradients + AdamW state", trainable * 16,
                          f"{trainable:,} fp32 parameters x (4 + 4 + 8) bytes"))
 
-    by = _activations(model, shapes)
+    by = _activations(model, shapes, quantization != "none")
     kv = by.pop("kv cache")
     encoder = {k: v for k, v in by.items() if k.startswith("encoder.")}
     decoder = {k: v for k, v in by.items() if k.startswith("decoder.")}
@@ -348,12 +373,13 @@ def plan(cfg: DictConfig) -> Plan:
     return result
 
 
-def _dtype_note(part, dtype, load_in_4bit):
+def _dtype_note(part, dtype, quantization, quant_type):
     name = str(dtype).replace("torch.", "")
-    if load_in_4bit and part == "dense":
-        return f"NF4 linears (model.load_in_4bit), {name} norms"
-    if part == "experts" and load_in_4bit:
-        return f"{name}: bitsandbytes does not quantise the fused experts"
+    four = quant_type.upper()
+    if part == "dense" and quantization == "all4bit":
+        return f"{four} linears (model.quantization=all4bit), {name} norms"
+    if part == "experts" and quantization != "none":
+        return f"{four}, each expert block-wise (model.quantization={quantization})"
     return name
 
 
@@ -386,8 +412,10 @@ def _variants(cfg: DictConfig) -> list[tuple[str, list[str]]]:
         out.append(("answers of one canvas", ["data.max_response_canvases=1"]))
     if cfg.train.batch_size > 1:
         out.append(("batch 1 (raise train.grad_accum to keep the effective batch)", ["train.batch_size=1"]))
-    if not cfg.model.load_in_4bit:
-        out.append(("4-bit dense linears", ["model.load_in_4bit=true"]))
+    if cfg.model.quantization == "none":
+        out.append(("4-bit experts", ["model.quantization=experts4bit"]))
+    if cfg.model.quantization != "all4bit":
+        out.append(("4-bit experts and dense linears", ["model.quantization=all4bit"]))
     together = {}  # key -> its last (smallest) value
     for _, overrides in out:
         together.update(o.split("=", 1) for o in overrides)
@@ -431,10 +459,11 @@ def report(cfg: DictConfig, current: Plan, with_suggestions: bool = True) -> str
                      "no change here makes it fit (predicted total with each):")
         for label, overrides, changed in found:
             lines.append(f"  {label:60} {_gb(changed.peak + changed.context)}  {' '.join(overrides)}")
-        experts = next((b for n, b, _ in current.parts if n == "weights: experts"), 0)
-        if not fitting and experts > current.capacity / 2:
-            lines.append(f"why: the frozen experts alone are {experts / GB:.1f} GB and bitsandbytes does not quantise "
-                         "fused expert tensors; 4-bit experts (issue 12) are what will make this card fit")
+        weights = sum(b for n, b, _ in current.parts if n.startswith("weights: "))
+        if not fitting and weights > current.capacity / 2:
+            lines.append(f"why: the frozen weights alone are {weights / GB:.1f} GB of the {current.capacity / GB:.1f} "
+                         "GB this run may use, and the smallest storage here (model.quantization=all4bit) and the "
+                         "shortest sequences leave too little for the step")
     return "\n".join(lines)
 
 

@@ -22,8 +22,8 @@ from finetune.config import check as check_settings
 from finetune.config import settings
 from finetune.data import eval_prompts, load_splits
 from finetune.errors import RunStopped, UserError
-from finetune.model import (attach_lora, base_commit, count_parameters, load, resolve_device, resolve_model_path,
-                            target_regex)
+from finetune.model import (attach_lora, base_commit, check_quantization, count_parameters, load, resolve_device,
+                            resolve_model_path, target_regex, weights_note)
 from finetune.objective import ObjectiveConfig, objective_settings
 from finetune.plan import refuse_if_it_cannot_fit
 from finetune.pretrain import base_model_path
@@ -56,6 +56,7 @@ def check(cfg: DictConfig, run_dir: str | None = None):
     check_settings(cfg)
     training_objective(cfg)
     target_regex(settings(cfg.lora))
+    check_quantization(cfg.model.quantization)
     settings(cfg.export).validate(allow_none=True)
     if cfg.eval.enabled:  # a typo in eval.* must not wait for the end of training to show
         from eval.compare import validate
@@ -116,9 +117,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     data_settings = settings(cfg.data)
 
     path = base_model_path(settings(cfg.model), cfg.cache_dir)
-    model, tokenizer, _ = load(path, device, cfg.model.dtype, load_in_4bit=cfg.model.load_in_4bit,
+    model, tokenizer, _ = load(path, device, cfg.model.dtype, quantization=cfg.model.quantization,
                                attn=cfg.model.attn_implementation, experts=cfg.model.experts_implementation,
-                               revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+                               revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                               quant_type=cfg.model.quant_type)
     canvas_length = model.config.canvas_length
     objective = training_objective(cfg, tokenizer)
     splits = load_splits(data_settings, tokenizer, canvas_length)
@@ -186,8 +188,11 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         from eval.compare import compare
 
         pairs = eval_prompts(eval_rows, tokenizer, data_settings)
+        meta = {"base_model": path, "base_commit": base_commit(model),
+                "base_weights": weights_note(cfg.model.quantization, cfg.model.quant_type, model.dtype)}
         metrics["eval"] = compare(peft_model, tokenizer, pairs, eval_ex, objective, canvas_length,
-                                  OmegaConf.to_container(cfg.eval), out_dir=run_dir, data_settings=data_settings)
+                                  OmegaConf.to_container(cfg.eval), out_dir=run_dir, data_settings=data_settings,
+                                  meta=meta)
     metrics["seconds_total"] = time.time() - started
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

@@ -181,3 +181,32 @@ def test_default_run_takes_under_5_minutes_start_to_finish(default_run):
     assert wall < 300, wall  # under 5 minutes on 2 CPU cores
     in_process = json.loads((tmp / "run" / "metrics.json").read_text())["seconds_total"]
     assert in_process < wall
+
+
+@pytest.mark.slow
+def test_a_tiny_run_on_4_bit_experts_trains_evaluates_and_exports_from_the_original_weights(default_run):
+    """model.quantization=experts4bit end to end: the run trains on 4-bit experts, its evaluation says so, and the
+    adapter and merged exports are built on the original weights (the merged experts are the base's, bit for bit,
+    never dequantised ones) and verified there."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from safetensors.torch import load_file
+
+    tmp, env, _ = default_run
+    run = tmp / "run4bit"
+    result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={run}", "model.quantization=experts4bit",
+                             "train.max_steps=20", "eval.max_examples=8", "eval.benchmark.max_examples=8",
+                             "train.report_to=none", "export.format=both"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "base weights: `experts in 4-bit NF4 (model.quantization=experts4bit)" in (run / "report.md").read_text()
+    assert "built on the original bf16 base" in result.stdout
+    for kind in ("adapter", "merged"):
+        assert (run / "export" / kind).is_dir(), kind
+    base = json.loads((run / "metrics.json").read_text())["base_model"]
+    original = load_file(os.path.join(base, "model.safetensors"))
+    merged = {}
+    for shard in (run / "export" / "merged").glob("*.safetensors"):
+        merged.update(load_file(shard))
+    experts = [k for k in original if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert experts and all(torch.equal(merged[k], original[k].to(merged[k].dtype)) for k in experts)

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [
     ["finetune.errors", "finetune.config", "finetune.conf"],
     ["finetune.cli"],  # the command-line prologue every command shares: config only
-    ["finetune.tiny", "finetune.model"],  # the model layer: load base, adapter, tokenizer; the tiny architecture
+    ["finetune.tiny", "finetune.model", "finetune.quantize", "finetune.quantized_load"],  # the model layer: load
+    # base, adapter, tokenizer; the tiny architecture; 4-bit frozen weights, and quantising them as they load
     ["finetune.head", "finetune.checkpointing", "finetune.checkpoints"],  # how a step runs: chunked head, checkpointed
     # layers; and how a run survives: sealed checkpoints, resume
     ["finetune.canvas"],

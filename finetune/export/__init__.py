@@ -163,12 +163,19 @@ def _job_overrides() -> list:
 
 
 def export_at_end_of_run(run_dir: str, cfg, peft_model, tokenizer, device: str) -> dict | None:
-    """The run's ``export`` config group: the same export as the CLI, from the model still in memory."""
+    """The run's ``export`` config group: the same export as the CLI, from the model still in memory (unless it ran
+    on quantised weights)."""
     from finetune.config import settings as to_settings
 
     settings = to_settings(cfg.export).validate(allow_none=True)
     if settings.format == "none":
         return None
+    if cfg.model.quantization != "none":
+        # Trained on 4-bit weights, the adapter is the one the bf16 base takes: the export is built and checked on
+        # the original bf16 weights (the run's base, loaded anew with the saved adapter), never on dequantised ones.
+        print(f"export: the run trained on model.quantization={cfg.model.quantization}; the export is built on the "
+              "original bf16 base with the saved adapter, and checked there")
+        peft_model = tokenizer = None
     command = "python -m finetune " + shlex.join(_job_overrides())
     try:
         return export_run(run_dir, settings, peft_model, tokenizer, command=command, device=device)

@@ -11,8 +11,6 @@ import gc
 import json
 import os
 import sys
-import threading
-import time
 
 import torch
 
@@ -27,6 +25,12 @@ from finetune.train import prepare
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def hwm() -> int:
+    """The peak resident memory since the last reset (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def warm_up():
@@ -57,18 +61,12 @@ def main(overrides):
                      for _ in range(batch_size)], 0)  # the longest example the settings let through
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    peak, done = [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.0005)
-
     base = rss()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    with open("/proc/self/clear_refs", "w") as f:  # the kernel's high-water mark from here: no sampling thread
+        f.write("5")
     model = load_model(cfg.model.name_or_path, dtype_for(cfg.model.dtype, "cpu"), "cpu",
-                       experts=cfg.model.experts_implementation)
+                       quantization=cfg.model.quantization, experts=cfg.model.experts_implementation,
+                       quant_type=cfg.model.quant_type)
     model = attach_lora(model, settings(cfg.lora)).train()
     prepare(model, settings(cfg.train))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -77,9 +75,7 @@ def main(overrides):
                          generator=torch.Generator().manual_seed(1), self_conditioning=self_conditioning)
     out.loss.backward()
     optimizer.step()
-    done.set()
-    sampler.join()
-    print(json.dumps({"measured": peak[0] - base, "predicted": predicted.peak,
+    print(json.dumps({"measured": hwm() - base, "predicted": predicted.peak,
                       "parts": {name: nbytes for name, nbytes, _ in predicted.parts}}))
 
 

@@ -17,9 +17,9 @@ PROFILES = {
                           "train.gradient_checkpointing": True}),
     "h100": (80, {"data.max_prompt_tokens": 1024, "data.max_response_canvases": 2,
                   "train.gradient_checkpointing": True}),
-    "rtx_5090": (32, {"model.load_in_4bit": True, "train.gradient_checkpointing": True}),
-    "rtx_4090": (24, {"model.load_in_4bit": True, "train.gradient_checkpointing": True,
-                      "data.max_prompt_tokens": 512, "data.max_response_canvases": 1}),
+    "rtx_5090": (32, {"model.quantization": "experts4bit", "train.gradient_checkpointing": True}),
+    "rtx_4090": (24, {"model.quantization": "all4bit", "train.gradient_checkpointing": True,
+                      "data.max_prompt_tokens": 1024, "data.max_response_canvases": 2}),
     "cpu": (None, {"hardware.device": "cpu", "hardware.bf16": False, "hardware.memory_gb": None}),
 }
 ALIASES = {"spark": "dgx_spark", "rtx": "rtx_pro_6000"}
@@ -101,8 +101,16 @@ def test_old_names_compose_the_same_config(recipe, alias, profile):
     assert composed(f"recipe={recipe}", f"hardware={alias}") == composed(f"recipe={recipe}", f"hardware={profile}")
 
 
-def test_the_small_cards_plan_with_what_the_4bit_experts_issue_needs():
-    """24 and 32 GB cannot hold today's weights; their profiles say so and name issue 12 rather than pretend."""
+def test_the_small_cards_quantise_the_experts_and_their_comments_quote_their_plan():
+    """24 and 32 GB hold the 26B model only with its experts in 4 bits; each profile's comment quotes its plan's
+    total for chat_rtx, and that number is the planner's."""
+    import re
+
+    from finetune.plan import plan
+
     for name in ("rtx_5090", "rtx_4090"):
         text = open(os.path.join(CONF, "hardware", f"{name}.yaml")).read()
-        assert "DOES NOT FIT" in text and "issue 12" in text, name
+        quoted = float(re.search(r"plans\s+~([\d.]+) GB", text).group(1))
+        planned = plan(composed("recipe=chat_rtx", f"hardware={name}"))
+        assert "model.quantization" in text and planned.fits, name
+        assert abs((planned.peak + planned.context) / 1e9 - quoted) < 0.5, (name, quoted, planned.peak)

@@ -36,6 +36,14 @@ def mid_model(tmp_path_factory, tokenizer):
     return str(path)
 
 
+def probe(mid_model, settings) -> dict:
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "finetune", "plan_probe.py"),
+                             json.dumps([f"model.name_or_path={mid_model}", *settings])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=MEASURE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("settings", [
     ["data.max_prompt_tokens=256", "data.max_response_canvases=2", "train.batch_size=2"],  # weights ~ 60%
     ["data.max_prompt_tokens=1024", "data.max_response_canvases=4", "train.batch_size=2",
@@ -44,14 +52,20 @@ def mid_model(tmp_path_factory, tokenizer):
      "objective.self_conditioning_p=0"],  # a frozen encoder keeps nothing
 ])
 def test_predicted_peak_is_within_15_percent_of_measured_rss_growth(mid_model, settings):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "finetune", "plan_probe.py"),
-                             json.dumps([f"model.name_or_path={mid_model}", *settings])],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=MEASURE)
-    assert result.returncode == 0, result.stderr[-2000:]
-    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    numbers = probe(mid_model, settings)
     ratio = numbers["predicted"] / numbers["measured"]
     assert 0.85 <= ratio <= 1.15, (ratio, numbers)
     assert numbers["parts"]["weights: experts"] > 0.15 * numbers["predicted"]  # a model-dominated config
+
+
+def test_4_bit_experts_lower_the_measured_peak_by_the_planned_amount_within_15_percent(mid_model):
+    """The same step with bf16-loaded (here fp32) and 4-bit experts: the planner's drop against the measured one."""
+    pytest.importorskip("bitsandbytes")
+    settings = ["data.max_prompt_tokens=256", "data.max_response_canvases=2", "train.batch_size=2"]
+    full, four = probe(mid_model, settings), probe(mid_model, [*settings, "model.quantization=experts4bit"])
+    planned, measured = full["predicted"] - four["predicted"], full["measured"] - four["measured"]
+    assert 0.85 <= planned / measured <= 1.15, (planned, measured, full, four)
+    assert 0.85 <= four["predicted"] / four["measured"] <= 1.15, four
 
 
 def plan_command(capsys, *args):
@@ -74,13 +88,24 @@ def test_chat_spark_fits_the_spark_with_a_breakdown(capsys):
     assert out.splitlines()[-1].startswith("fits: ")
 
 
-def test_chat_rtx_on_a_32_gb_card_does_not_fit_and_says_why_and_what_would_change(capsys):
+def test_chat_rtx_fits_a_32_gb_card_under_30_gb_with_4_bit_experts(capsys):
     code, out = plan_command(capsys, "recipe=chat_rtx", "hardware=rtx_5090")
     assert code == 0, out
-    assert "on rtx_5090 (cuda)" in out and "NF4 linears" in out  # the profile's 4-bit dense linears are planned
-    assert "does not fit: " in out and "no change here makes it fit" in out
-    assert "data.max_prompt_tokens=512" in out and "data.max_response_canvases=1" in out
-    assert "the frozen experts alone are 45.7 GB" in out and "4-bit experts" in out
+    assert "on rtx_5090 (cuda)" in out and "NF4, each expert block-wise (model.quantization=experts4bit)" in out
+    experts = next(line for line in out.splitlines() if "weights: experts" in line)
+    assert "12.85 GB" in experts  # 45.68 GB of bf16 experts at 4.5 bits a value
+    verdict = out.splitlines()[-1]
+    assert verdict.startswith("fits: ") and float(verdict.split()[1]) < 30, verdict
+
+
+def test_on_a_24_gb_card_the_plan_says_what_fits_and_why_nothing_does_below(capsys):
+    code, out = plan_command(capsys, "recipe=chat_rtx", "hardware=rtx_4090")
+    assert code == 0 and out.splitlines()[-1].startswith("fits: "), out
+    assert "NF4 linears (model.quantization=all4bit)" in out
+    code, out = plan_command(capsys, "recipe=chat_rtx", "hardware=rtx_4090", "model.quantization=none")
+    assert "does not fit" in out and "model.quantization=experts4bit" in out  # the change that makes it fit
+    code, out = plan_command(capsys, "recipe=chat_rtx", "hardware=rtx_4090", "hardware.memory_gb=12")
+    assert "no change here makes it fit" in out and "why: the frozen weights alone are" in out
 
 
 def test_a_smaller_prompt_is_suggested_when_it_is_what_makes_a_run_fit():
