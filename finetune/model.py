@@ -87,6 +87,8 @@ def pin_revision(path: str, revision: str | None = None):
     _refuse_local_revision(path, revision)
     if os.path.isdir(path):
         return None
+    if hasattr(revision, "resolved"):  # pinned already (load pins once, then hands it to load_model)
+        return revision
     from transformers.utils.hub import resolve_revision
 
     return resolve_revision(path, revision)  # fails open: the load itself then says what is missing

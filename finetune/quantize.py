@@ -241,8 +241,13 @@ def quantize_experts(model, quant_type: str = "nf4") -> int:
         for module in modules:
             install_experts4bit(module, gate_up, down)
         held.update({id(gate_up): gate_up.nbytes, id(down): down.nbytes})
-    _forget_tied(model, re.compile(r"(gate_up|down)_proj$"))  # the expert tensors: dense names end in .weight
+    forget_expert_ties(model)
     return sum(held.values())
+
+
+def forget_expert_ties(model) -> None:
+    """The expert tensors are no Parameters once on 4 bits: drop their tie entries (dense names end in .weight)."""
+    _forget_tied(model, re.compile(r"(gate_up|down)_proj$"))
 
 
 def quantize_dense(model, quant_type: str = "nf4") -> int:

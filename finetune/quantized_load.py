@@ -26,7 +26,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from finetune.quantize import install_experts4bit, quantize_expert_weight
+from finetune.quantize import forget_expert_ties, install_experts4bit, quantize_expert_weight
 
 METHOD = "finetune_experts4bit"  # transformers' registry key: a name no stock quantizer uses
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
@@ -138,17 +138,7 @@ def _install(model, storage: dict, quant_type: str) -> None:
                 installed[t_module][i] = s
     for name, (gate_up, down) in installed.items():
         install_experts4bit(by_name[name], gate_up, down)
-    _forget_expert_ties(model)
-
-
-def _forget_expert_ties(model) -> None:
-    """The tie entries of the expert Parameters name Parameters that no longer exist (a later `tie_weights` would
-    look them up and fail); the twins share their storage by construction now."""
-    for module in model.modules():
-        ties = getattr(module, "all_tied_weights_keys", None)
-        if isinstance(ties, dict):
-            for target in [t for t in ties if t.endswith(EXPERT_KEYS)]:
-                del ties[target]
+    forget_expert_ties(model)  # the twins share their storage by construction now
 
 
 def _forget_quantizer(model) -> None:

@@ -137,14 +137,16 @@ class Guards(TrainerCallback):
 
     def __init__(self, scaler_in_use: bool = False):
         self.scaler_in_use = scaler_in_use  # float16 loss scaling skips steps with inf gradients on purpose
-        self.flow_checked = False  # the first optimizer step of this process: a fresh run's or a resumed one's
+        self.trainable = None  # set at the first optimizer step of this process (a fresh run's or a resumed one's)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        named = [(n, p) for n, p in model.named_parameters()]
-        if not self.flow_checked and hasattr(model, "peft_config"):
-            _check_gradient_flow(named, state.global_step + 1)
-            self.flow_checked = True
-        grads = [p.grad for _, p in named if p.grad is not None]
+        if self.trainable is None:
+            named = list(model.named_parameters())
+            if hasattr(model, "peft_config"):
+                _check_gradient_flow(named, state.global_step + 1)
+            # what can hold a gradient from here on: the whole model is not walked again each step
+            self.trainable = [p for _, p in named if p.requires_grad]
+        grads = [p.grad for p in self.trainable if p.grad is not None]
         if grads and not self.scaler_in_use:
             norm = float(torch.nn.utils.get_total_norm(grads))
             if not math.isfinite(norm):
