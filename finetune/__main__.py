@@ -21,6 +21,7 @@ def job(cfg) -> None:
     """One run, in the directory Hydra made for it; a failure before training leaves no directory."""
     from hydra.core.hydra_config import HydraConfig
 
+    from finetune.distributed import is_main
     from finetune.errors import run_cli
     from finetune.run import remove_if_unused, run
 
@@ -29,7 +30,7 @@ def job(cfg) -> None:
     try:
         code = run_cli(lambda: run(cfg, run_dir) and 0)
     finally:
-        if code:
+        if code and is_main():
             remove_if_unused(run_dir)
     if code:
         sys.exit(code)
@@ -39,6 +40,7 @@ def check(argv: list) -> int:
     """Compose and check every job this command line would start; 0, or 2 after a one-line error."""
     from finetune.cli import HYDRA_ANSWERS, hydra_flags, jobs, take_cfg
     from finetune.config import compose
+    from finetune.distributed import world_size
     from finetune.errors import UserError, run_cli
 
     def body():
@@ -47,6 +49,10 @@ def check(argv: list) -> int:
         overrides, multirun = hydra_flags(args)
         if cfg_mode and multirun:
             raise UserError("give -m (run a sweep) or --cfg (print the config), not both")
+        given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+        if world_size() > 1 and (multirun or not given & {"output_dir", "hydra.run.dir"}):
+            raise UserError(f"this launch started {world_size()} processes: give output_dir=DIR, the same on every "
+                            "node (the default names the run by the time each process reads the clock), and no -m")
         if multirun and any(o.split("=", 1)[0].lstrip("+~") in ("output_dir", "resume") for o in overrides):
             raise UserError("output_dir and resume name one run; a -m sweep puts each job in "
                             "hydra.sweep.dir/<job number>: give hydra.sweep.dir=DIR instead")
@@ -102,6 +108,11 @@ def main(argv: list | None = None) -> int:
     modes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--cfg", "-c")]
     if modes and modes[-1] in ("job", "all") and "--resolve" not in argv:  # hydra alone cannot resolve ${output_dir}
         argv = argv + ["--resolve"]  # what the run will use, as python -m eval and preflight print it
+    from finetune.distributed import is_main
+
+    if not is_main():  # one process of several: rank 0 alone writes Hydra's files and prints; errors still show
+        argv = argv + ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
+        sys.stdout = open(os.devnull, "w")
     sys.argv = [sys.argv[0]] + argv
     job()
     return 0

@@ -217,6 +217,11 @@ def compare(saved: dict, now: dict, checkpoint: str) -> list[str]:
         if before == after or key not in old or _under(key, UNLISTED) or key == "data.eval" and None not in (
                 before, after):
             continue
+        if _under(key, ("distributed",)):
+            raise UserError(f"resume: {checkpoint} was written by a launch with {key}={before!r}, this one has "
+                            f"{after!r}: a checkpoint holds each process's data position and random state and its "
+                            "optimizer state as that launch laid it out, so resume with the same number of "
+                            "processes and strategy (accelerate launch --num_processes N), or start a new run")
         if _under(key, FIXED):
             raise UserError(f"resume: {checkpoint} was trained with {key}={before!r}, this run says {after!r}: a "
                             "resumed run keeps its base, LoRA, data, batch and seed (drop the override, or start a "

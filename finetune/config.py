@@ -241,6 +241,26 @@ class HardwareSettings:
 
 
 @dataclass
+class DistributedSettings:
+    """Training on several processes (the `distributed` group; launch with accelerate launch or torchrun)."""
+
+    strategy: str = "auto"  # auto: ddp when launched on several processes | none | ddp: a full copy per process |
+    # fsdp: FSDP2, the frozen base and LoRA sharded over the processes (a model larger than one device)
+    # processes the run is planned for (python -m finetune.plan); null: the launch's (WORLD_SIZE), 1 for a plain run
+    world_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.strategy not in DISTRIBUTED_STRATEGIES:
+            raise UserError(f"distributed.strategy={self.strategy!r} is not one of "
+                            f"{', '.join(DISTRIBUTED_STRATEGIES)} (or choose the group: distributed=ddp)")
+        if self.world_size is not None and self.world_size < 1:
+            raise UserError(f"distributed.world_size={self.world_size} must be >= 1 (or null: the launch's)")
+
+
+DISTRIBUTED_STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass
 class PlanSettings:
     """The memory plan every training run makes before it loads anything (python -m finetune.plan prints it)."""
 
@@ -359,6 +379,7 @@ class Config:
     # a checkpoint or run directory to continue (python -m finetune resume=PATH continues in PATH's run directory)
     resume: Any = "auto"
     hardware: HardwareSettings = field(default_factory=HardwareSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
     plan: PlanSettings = field(default_factory=PlanSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -488,7 +509,7 @@ def compose(overrides: list, return_hydra_config: bool = False) -> DictConfig:
 def check(cfg: DictConfig) -> None:
     """Build the groups' settings once: their own checks run before anything is loaded or written (the objective's
     need the tokenizer for a mask token: `finetune.objective.objective_settings`)."""
-    for key in ("model", "data", "lora", "train", "checkpoint", "hardware", "eval", "export"):
+    for key in ("model", "data", "lora", "train", "checkpoint", "hardware", "distributed", "eval", "export"):
         settings(cfg[key])
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -40,6 +41,72 @@ class LossOutput:
     noisy: torch.Tensor  # (T, C) the decoder's input canvas per target
     per_target_loss: torch.Tensor  # (T,) summed (weighted) CE of each target's counted tokens
     targets: torch.Tensor  # (T, C) the clean canvas each target was scored against
+    diffusion_sum: torch.Tensor | None = None  # with gradient: the diffusion loss's numerator (summed weighted CE)
+    ar_sum: torch.Tensor | None = None  # with gradient: the encoder loss's summed CE
+    counts: torch.Tensor | None = None  # (2,) the two denominators: tokens the diffusion loss and the encoder loss read
+
+
+@dataclass
+class Noise:
+    """What the objective samples for one batch, fixed beforehand (see `draw_noise`)."""
+
+    t: torch.Tensor  # (T,)
+    canvas_index: torch.Tensor  # (T,)
+    noisy: torch.Tensor  # (T, C)
+    self_conditioning: torch.Tensor  # (B,) bool
+
+    def to(self, device) -> "Noise":
+        return Noise(*(x.to(device) for x in (self.t, self.canvas_index, self.noisy, self.self_conditioning)))
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of the global sample ``index`` of a run seeded ``seed``: independent streams for every pair."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def draw_noise(batch: dict[str, torch.Tensor], cfg: ObjectiveConfig, canvas_length: int, vocab: int,
+               sample_ids: list[int], seed: int) -> Noise:
+    """The noise of each example drawn from its own generator, keyed by (seed, its index in the run's global stream
+    of samples): the self-conditioning coin, then per target its canvas, t, corrupted positions and noise tokens.
+
+    What an example gets depends only on which sample it is, not on the batch it shares, the process it lands on or
+    the number of processes: a run on N processes draws exactly the noise of the same run on one.
+    """
+    target_example = batch["target_example"].cpu()
+    num_canvases = batch["num_canvases"].cpu()
+    tokens = batch["target_tokens"].cpu()
+    t, index, noisy, coin = [], [], [], []
+    offsets = torch.arange(canvas_length)
+    for example, key in enumerate(sample_ids):
+        g = sample_generator(seed, key)
+        coin.append(bool(torch.rand(1, generator=g) < cfg.self_conditioning_p))
+        for target in (target_example == example).nonzero().flatten().tolist():
+            k = min(int(torch.rand(1, generator=g) * num_canvases[target]), int(num_canvases[target]) - 1)
+            level = cfg.t_min + (1.0 - cfg.t_min) * float(torch.rand(1, generator=g))
+            clean = tokens[target, k * canvas_length + offsets]
+            corrupted = torch.rand(canvas_length, generator=g) < level
+            if cfg.corruption == "uniform":
+                noise = torch.randint(0, vocab, (canvas_length,), generator=g)
+            else:
+                noise = torch.full_like(clean, cfg.mask_token_id)
+            index.append(k)
+            t.append(level)
+            noisy.append(torch.where(corrupted, noise, clean))
+    return Noise(torch.tensor(t, dtype=torch.float32), torch.tensor(index, dtype=torch.long), torch.stack(noisy),
+                 torch.tensor(coin, dtype=torch.bool))
+
+
+def loss_counts(batch: dict[str, torch.Tensor], noise: Noise, cfg: ObjectiveConfig, canvas_length: int) -> torch.Tensor:
+    """(2,) the tokens the diffusion loss and the encoder loss of this batch are normalised by, known before the
+    forward (what `diffusion_loss` divides by): summed over micro-batches and processes, one step's denominators."""
+    offsets = torch.arange(canvas_length)
+    targets = batch["target_tokens"].cpu().gather(1, noise.canvas_index.cpu()[:, None] * canvas_length + offsets)
+    if cfg.loss_on == "corrupted" and cfg.weighting != "inverse_t":
+        diffusion = int((noise.noisy.cpu() != targets).sum())
+    else:
+        diffusion = targets.numel()
+    return torch.tensor([diffusion, int(batch["ar_mask"][:, 1:].sum())], dtype=torch.float64)
 
 
 def objective_settings(objective, tokenizer=None) -> ObjectiveConfig:
@@ -240,18 +307,20 @@ def diffusion_loss(
     # flat: mean CE over counted tokens. inverse_t: an unbiased ELBO-style estimate, the sum of CE/t over
     # corrupted tokens normalised by all supervised tokens.
     denominator = supervised.sum() if cfg.weighting == "inverse_t" else counted.sum()
-    diff = per_target.sum() / denominator.clamp_min(1)
+    diff_sum = per_target.sum()
     if counted.sum() == 0:
-        diff = hidden.sum() * 0.0  # keeps the graph; nothing to score in this batch
+        diff_sum = hidden.sum() * 0.0  # keeps the graph; nothing to score in this batch
+    diff = diff_sum / denominator.clamp_min(1)
 
-    ar = torch.zeros((), device=device)
+    reads = batch["ar_mask"].to(device)[:, 1:]
+    ar_sum = torch.zeros((), device=device)
     if cfg.encoder_ar_weight > 0:
         # Next-token loss on each target's response (and the final EOS), read from the encoder's hidden states.
-        reads = batch["ar_mask"].to(device)[:, 1:]
         if lean:
-            ar = cross_entropy(model, enc_hidden[:, :-1][reads], ids[:, 1:][reads]).mean()
+            ar_sum = cross_entropy(model, enc_hidden[:, :-1][reads], ids[:, 1:][reads]).sum()
         else:  # stock: logits of every encoder position
-            ar = F.cross_entropy(project(model, enc_hidden)[:, :-1][reads], ids[:, 1:][reads])
+            ar_sum = F.cross_entropy(project(model, enc_hidden)[:, :-1][reads], ids[:, 1:][reads], reduction="sum")
+    ar = ar_sum / reads.sum().clamp_min(1)
     loss = diff + cfg.encoder_ar_weight * ar if cfg.encoder_ar_weight > 0 else diff
     return LossOutput(
         loss=loss,
@@ -264,4 +333,7 @@ def diffusion_loss(
         noisy=noisy,
         per_target_loss=per_target.detach(),
         targets=targets,
+        diffusion_sum=diff_sum,
+        ar_sum=ar_sum,
+        counts=torch.stack([denominator, reads.sum()]).to(torch.float64),
     )

@@ -34,6 +34,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from finetune import distributed
 from finetune.config import ModelSettings, settings
 from finetune.errors import UserError
 
@@ -234,6 +235,13 @@ def _weight_parts(model, quantization: str) -> dict[str, int]:
     return parts
 
 
+def _largest_layer_weights(model) -> int:
+    """Bytes of the largest text layer's weights (an encoder layer and its decoder twin share them)."""
+    from finetune.model import text_layers
+
+    return max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in text_layers(model))
+
+
 def _activations(model, shapes: Shapes, quantized_experts: bool = False) -> dict[str, int]:
     """Saved bytes per layer of the encoder pass and the decoder pass with gradient, from the meta run.
 
@@ -324,14 +332,23 @@ def plan(cfg: DictConfig) -> Plan:
     result = Plan(hardware.profile, device, context=CUDA_CONTEXT if device == "cuda" else 0)
 
     quantization = cfg.model.quantization
+    processes = cfg.distributed.world_size or 1
+    sharded = distributed.strategy(cfg.distributed.strategy, processes) == "fsdp"
+    share = processes if sharded else 1  # FSDP: each process holds 1/N of every weight and of the LoRA state
+    per = f", 1/{processes} per process (FSDP)" if sharded else ""
     weights = _weight_parts(model, quantization)
     for part, nbytes in weights.items():
         if nbytes:
-            result.parts.append((f"weights: {part}", nbytes, _dtype_note(part, dtype, quantization,
-                                                                          cfg.model.quant_type)))
+            result.parts.append((f"weights: {part}", -(-nbytes // share), _dtype_note(part, dtype, quantization,
+                                                                                      cfg.model.quant_type) + per))
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    result.parts.append(("LoRA weights + gradients + AdamW state", trainable * 16,
-                         f"{trainable:,} fp32 parameters x (4 + 4 + 8) bytes"))
+    result.parts.append(("LoRA weights + gradients + AdamW state", -(-trainable * 16 // share),
+                         f"{trainable:,} fp32 parameters x (4 + 4 + 8) bytes" + per))
+    if sharded:  # the layer pair running now and the next one, gathered whole (forward, and again in backward)
+        result.parts.append(("FSDP: gathered layers", 2 * _largest_layer_weights(model),
+                             "the largest encoder/decoder layer pair's weights, whole, twice (this one, the next)"))
+    elif processes > 1:  # DDP keeps the gradients it reduces in buckets of their own
+        result.parts.append(("DDP gradient buckets", trainable * 4, "a copy of the LoRA gradients (fp32)"))
 
     by = _activations(model, shapes, quantization != "none")
     kv = by.pop("kv cache")
@@ -442,9 +459,12 @@ def _gb(nbytes: int) -> str:
 
 
 def report(cfg: DictConfig, current: Plan, with_suggestions: bool = True) -> str:
-    lines = [f"plan: {cfg.run_name or 'run'} on {current.profile} ({current.device}), "
-             f"{cfg.model.name_or_path}, batch {cfg.train.batch_size}, prompt <= {cfg.data.max_prompt_tokens}, "
-             f"answer <= {cfg.data.max_response_canvases} canvases, checkpointing "
+    processes = cfg.distributed.world_size or 1
+    each = (f", each of {processes} processes ({distributed.strategy(cfg.distributed.strategy, processes)})"
+            if processes > 1 else "")
+    lines = [f"plan: {cfg.run_name or 'run'}{each} on {current.profile} ({current.device}), "
+             f"{cfg.model.name_or_path}, batch {cfg.train.batch_size}{' per process' if each else ''}, prompt <= "
+             f"{cfg.data.max_prompt_tokens}, answer <= {cfg.data.max_response_canvases} canvases, checkpointing "
              f"{'on' if cfg.train.gradient_checkpointing else 'off'}"]
     for name, nbytes, note in current.parts:
         lines.append(f"  {name:40} {_gb(nbytes)}  {note}")

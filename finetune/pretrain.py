@@ -63,3 +63,28 @@ def base_model_path(model: ModelSettings, cache_dir: str, log=print) -> str:
     if model.name_or_path == "tiny":
         return ensure_base(cache_dir, model.tiny, log=log)
     return resolve_model_path(model.name_or_path, model.revision)
+
+
+
+USAGE = """usage: python -m finetune.pretrain [key=value ...]
+
+Pre-train and cache the tiny base now (the first tiny run does it on its own; a launch of several processes needs it
+cached first). Reads cache_dir and model.tiny.* from the config; prints the cached path."""
+
+
+def main(argv: list | None = None) -> int:
+    from omegaconf import OmegaConf
+
+    from finetune.cli import command
+    from finetune.config import compose, settings
+
+    def body(overrides, mode):
+        cfg = compose(overrides)
+        OmegaConf.resolve(cfg)
+        print(ensure_base(cfg.cache_dir, settings(cfg.model).tiny))
+
+    return command(argv, USAGE, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,17 +17,18 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune import checkpoints, preflight
+from finetune import checkpoints, distributed, preflight
 from finetune.config import check as check_settings
 from finetune.config import settings
 from finetune.data import eval_prompts, load_splits
 from finetune.errors import RunStopped, UserError
-from finetune.model import (attach_lora, base_commit, check_quantization, count_parameters, load, resolve_device,
-                            resolve_model_path, target_regex, weights_note)
+from finetune.model import (attach_lora, base_commit, check_quantization, count_parameters, dtype_for, load,
+                            resolve_device, resolve_model_path, target_regex, weights_note)
 from finetune.objective import ObjectiveConfig, objective_settings
 from finetune.plan import refuse_if_it_cannot_fit
 from finetune.pretrain import base_model_path
 from finetune.report import plot_loss, summary
+from finetune.tiny import base_dir
 from finetune.train import fit
 
 log = logging.getLogger("finetune")
@@ -69,12 +70,50 @@ def check(cfg: DictConfig, run_dir: str | None = None):
             raise UserError(f"train.report_to={cfg.train.report_to!r}: {name} is not installed: pip install {name}, "
                             "or train.report_to=none")
     settings(cfg.checkpoint)
+    check_launch(cfg)
     run_dir = run_dir or cfg.output_dir
     decision = None
     if run_dir:  # what it would resume, or why it cannot: before anything loads
         decision = checkpoints.choose(cfg.resume, os.path.abspath(run_dir), OmegaConf.to_container(cfg, resolve=True))
     refuse_if_it_cannot_fit(cfg)  # before 52 GB load and fail
     return decision
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """This launch's processes against the `distributed` settings; records their number as distributed.world_size
+    (the checkpoints keep it: a resume on another number is refused, see finetune.checkpoints.FIXED)."""
+    launched = distributed.world_size()
+    if launched == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
+        raise UserError("MASTER_ADDR is set but WORLD_SIZE is not: accelerate launch without --multi_gpu starts "
+                        "separate single processes (each would train alone into the same output_dir); add "
+                        "--multi_gpu (also for one GPU per node), or unset MASTER_ADDR for a single-process run")
+    planned = cfg.distributed.world_size
+    if planned is not None and planned != launched:
+        raise UserError(f"distributed.world_size={planned}, but this launch started {launched} process"
+                        f"{'es' if launched > 1 else ''}: launch {planned} (accelerate launch --num_processes "
+                        f"{planned}), or drop distributed.world_size (it is for python -m finetune.plan)")
+    fsdp = distributed.strategy(cfg.distributed.strategy, launched) == "fsdp"
+    if fsdp and cfg.model.quantization != "none":
+        raise UserError(f"distributed=fsdp shards the bf16 weights; model.quantization={cfg.model.quantization} "
+                        "keeps 4-bit experts FSDP cannot shard: use model.quantization=none with fsdp, or "
+                        "distributed=ddp with the 4-bit model (each process holds it whole)")
+    if fsdp and cfg.lora.placement != "decoder" and cfg.objective.self_conditioning_p > 0:
+        # measured on torch 2.13 (gloo): a sharded layer pair that runs with gradient (encoder), without (the
+        # self-conditioning pass) and with again (decoder) crashes in backward; either alone trains
+        raise UserError("distributed=fsdp cannot yet train the encoder's LoRA together with self-conditioning "
+                        f"(lora.placement={cfg.lora.placement}, objective.self_conditioning_p="
+                        f"{cfg.objective.self_conditioning_p}): FSDP2 fails in backward when a sharded layer runs "
+                        "with, without, then with gradient. Use lora.placement=decoder objective.encoder_ar_weight=0, "
+                        "or objective.self_conditioning_p=0, or distributed=ddp when the model fits each device")
+    if launched > 1 and cfg.model.name_or_path == "tiny" and not tiny_base_cached(cfg):
+        raise UserError("the tiny base is not cached yet, and several processes would each pre-train it: build it "
+                        "once with one process (python -m finetune.pretrain), then launch again")
+    with open_dict(cfg):
+        cfg.distributed.world_size = launched
+
+
+def tiny_base_cached(cfg: DictConfig) -> bool:
+    return os.path.isfile(os.path.join(base_dir(cfg.cache_dir, settings(cfg.model).tiny), "model.safetensors"))
 
 
 def remove_if_unused(run_dir: str) -> None:
@@ -105,6 +144,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     with open_dict(cfg):
         cfg.output_dir = run_dir
     decision, warnings = check(cfg, run_dir)
+    device = resolve_device(cfg.hardware.device)
+    distributed.start(cpu=device == "cpu")  # several processes: join the launch's group (one: nothing)
+    main = distributed.is_main()
+    distributed.agree(decision.checkpoint, "the checkpoint to resume")
     for line in warnings:
         print(line)
     if decision.checkpoint:
@@ -113,11 +156,14 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         if decision.base_commit and cfg.model.revision != decision.base_commit:
             print(f"resume: the base is loaded at commit {decision.base_commit}, the one the checkpoint trained on")
             cfg.model.revision = decision.base_commit
-    device = resolve_device(cfg.hardware.device)
     data_settings = settings(cfg.data)
 
+    strategy = distributed.strategy(cfg.distributed.strategy)
     path = base_model_path(settings(cfg.model), cfg.cache_dir)
-    model, tokenizer, _ = load(path, device, cfg.model.dtype, quantization=cfg.model.quantization,
+    # fsdp: each process loads into host memory and keeps 1/N of the base on its device (finetune.distributed)
+    dtype = str(dtype_for(cfg.model.dtype, device)).removeprefix("torch.")  # the training device's, wherever loaded
+    model, tokenizer, _ = load(path, "cpu" if strategy == "fsdp" else device, dtype,
+                               quantization=cfg.model.quantization,
                                attn=cfg.model.attn_implementation, experts=cfg.model.experts_implementation,
                                revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
                                quant_type=cfg.model.quant_type)
@@ -128,11 +174,16 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
 
     # Nothing is written before here: a run that cannot start leaves no directory (see finetune.__main__).
     os.makedirs(run_dir, exist_ok=True)
-    checkpoints.set_aside(decision.set_aside)  # renamed, never deleted: resume=false's old checkpoints, an adapter
-    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
-    print(f"run directory: {run_dir}")
+    if main:  # rank 0 writes the run's files; the others train and leave
+        checkpoints.set_aside(decision.set_aside)  # renamed, never deleted: resume=false's old checkpoints, an adapter
+        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
+    distributed.barrier()
+    print(f"run directory: {run_dir}" + (f" ({distributed.world_size()} processes, "
+                                         f"{distributed.strategy(cfg.distributed.strategy)})"
+                                         if distributed.world_size() > 1 else ""))
     text, preflight_data = preflight.report(data_settings, train_ex, train_stats, eval_stats, tokenizer, canvas_length)
-    preflight.write(run_dir, text, preflight_data)
+    if main:
+        preflight.write(run_dir, text, preflight_data)
     print(f"data: train {train_stats.kept}/{train_stats.read} rows kept ({train_stats.targets} turns), "
           f"eval {eval_stats.kept}/{eval_stats.read} (details: {run_dir}/preflight.txt)")
 
@@ -149,13 +200,16 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     trainer = fit(peft_model, train_ex, train_settings, objective, canvas_length, tokenizer.pad_token_id, root,
                   bf16=cfg.hardware.bf16, use_cpu=device == "cpu", log_dir=os.path.join(run_dir, "tensorboard"),
                   checkpoint=settings(cfg.checkpoint), resume_from=decision.checkpoint,
-                  run_config=OmegaConf.to_container(cfg, resolve=True))
+                  run_config=OmegaConf.to_container(cfg, resolve=True), strategy=strategy)
     train_seconds = time.time() - t0
     stopped = signal.Signals(trainer.stopped_by).name if trainer.stopped_by else None
     if stopped and trainer.state.global_step < train_settings.max_steps:
+        distributed.barrier()
         raise RunStopped(f"{stopped} at step {trainer.state.global_step}: checkpoint "
                          f"{checkpoints.newest_complete(root)} written; to continue, run the same command with "
                          f"output_dir={run_dir} (resume=auto is the default)", code=128 + trainer.stopped_by)
+    if not main:  # evaluation and export run on rank 0 alone: the adapter is complete there
+        return {}
     save_adapter(peft_model, tokenizer, os.path.join(run_dir, "adapter"))
 
     logged = [e for e in trainer.state.log_history if "loss" in e]

@@ -133,7 +133,7 @@ def pretrain_rows(n: int, seed: int) -> list[dict]:
 
 
 # --- the cached tiny base ----------------------------------------------------------------------------------------
-BASE_VERSION = 2  # bump when the tiny base recipe changes, so caches are rebuilt
+BASE_VERSION = 3  # bump when the tiny base recipe changes, so caches are rebuilt (3: noise drawn per sample)
 
 
 def base_dir(cache_dir: str, settings: TinyBaseSettings) -> str:

@@ -22,12 +22,12 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune import checkpointing, checkpoints
+from finetune import checkpointing, checkpoints, distributed
 from finetune.canvas import Example, collate
 from finetune.config import CheckpointSettings, TrainSettings
 from finetune.errors import RunStopped
 from finetune.model import base_commit, base_of, text_layers
-from finetune.objective import ObjectiveConfig, diffusion_loss
+from finetune.objective import ObjectiveConfig, diffusion_loss, draw_noise, loss_counts
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +62,89 @@ class DiffusionTrainer(Trainer):
         self.seen_rows: list[list[int]] = []  # source rows of each micro-batch: data order is checkable
         self._parts: dict[str, list[float]] = {"diffusion_loss": [], "ar_loss": []}
 
+    # compute_loss divides by the optimizer step's counted tokens over every micro-batch and process: Trainer must
+    # not divide by the accumulation steps again
+    loss_is_scaled_for_ga = True
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step, each with its noise drawn per global sample (`draw_noise`), and
+        the step's loss denominators summed over micro-batches and processes."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        args = self.args
+        per_process = args.per_device_train_batch_size
+        done = len(self.step_losses)  # global micro-batches trained so far (restored on resume)
+        vocab = base_of(self.model).config.text_config.vocab_size
+        counts = torch.zeros(2, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            # accelerate deals the sampler's batches round-robin: process p's i-th micro-batch is global batch
+            # (done + i) * world_size + p, the same samples a single process with world_size x the batch sees
+            first = ((done + i) * args.world_size + args.process_index) * per_process
+            ids = [first + j for j in range(len(batch["rows"]))]
+            batch["noise"] = draw_noise(batch, self.objective, self.canvas_length, vocab, ids, args.seed)
+            counts += loss_counts(batch, batch["noise"], self.objective, self.canvas_length)
+        counts = counts.to(device)
+        if args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return batches, counts
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        base = base_of(model)
+        noise = inputs.pop("noise", None)
         # accelerate puts mixed precision around model.forward, which the objective does not call (it runs the
         # encoder and decoder itself): without this, hardware.bf16 would leave the fp32 LoRA layers running in fp32
         with self.accelerator.autocast():
-            out = diffusion_loss(base, inputs, self.objective, self.canvas_length)
+            out = self._loss_forward(model, inputs, noise)
+        loss = out.loss
+        if noise is not None and num_items_in_batch is not None:
+            # this micro-batch's share of the step's loss: sums over the step's counted tokens of every process,
+            # times the processes, as DDP and FSDP average gradients (not a mean of per-process means)
+            den = num_items_in_batch.clamp_min(1)
+            loss = out.diffusion_sum / den[0]
+            if self.objective.encoder_ar_weight > 0:
+                loss = loss + self.objective.encoder_ar_weight * out.ar_sum / den[1]
+            loss = loss * self.accelerator.num_processes
         if model.training:
-            loss = float(out.loss.detach())
-            if not math.isfinite(loss):  # before backward: nothing of it reaches the weights
-                raise GuardTripped(f"step {self.state.global_step + 1}: the loss is {loss} (training rows "
-                                   f"{inputs['rows'].tolist()})")
-            self.seen_rows.append(inputs["rows"].tolist())
-            self.step_losses.append(loss)
-            self._parts["diffusion_loss"].append(float(out.diffusion_loss))
-            self._parts["ar_loss"].append(float(out.ar_loss))
-        return (out.loss, out) if return_outputs else out.loss
+            self._record(out, inputs["rows"])
+        return (loss, out) if return_outputs else loss
+
+    def _loss_forward(self, model, inputs, noise):
+        """The objective as the model's forward: through DDP's (or FSDP's) own forward, so that its gradient
+        reduction (or parameter gathering) is set up for this step. The base's forward stands in for the objective
+        during the call."""
+        base = base_of(self.accelerator.unwrap_model(model))
+        fixed = {} if noise is None else {"t": noise.t, "canvas_index": noise.canvas_index, "noisy": noise.noisy,
+                                          "self_conditioning": noise.self_conditioning}
+
+        def objective(**batch):
+            return diffusion_loss(base, batch, self.objective, self.canvas_length, **fixed)
+
+        previous = base.__dict__.get("forward")
+        base.forward = objective
+        try:
+            return model(**inputs)
+        finally:
+            if previous is None:
+                del base.forward
+            else:
+                base.forward = previous
+
+    def _record(self, out, rows):
+        """One global micro-batch in the trace: its loss over every process's tokens, its rows in global order."""
+        weight = self.objective.encoder_ar_weight
+        sums = torch.stack([out.diffusion_sum.detach().double(), out.ar_sum.detach().double()])
+        stats = torch.cat([sums, out.counts.to(sums.device)])
+        if self.args.world_size > 1:
+            stats = self.accelerator.reduce(stats, reduction="sum")
+            rows = self.accelerator.gather(rows)
+        diffusion = float(stats[0] / stats[2].clamp_min(1))
+        ar = float(stats[1] / stats[3].clamp_min(1))
+        loss = diffusion + weight * ar if weight > 0 else diffusion
+        if not math.isfinite(loss):  # before backward: nothing of it reaches the weights (on every process alike)
+            raise GuardTripped(f"step {self.state.global_step + 1}: the loss is {loss} (training rows "
+                               f"{rows.tolist()})")
+        self.seen_rows.append(rows.tolist())
+        self.step_losses.append(loss)
+        self._parts["diffusion_loss"].append(diffusion)
+        self._parts["ar_loss"].append(ar)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """A checkpoint's optimizer and schedule state carry its learning rate, betas and weight decay; a resumed run
@@ -103,8 +170,12 @@ class DiffusionTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:  # another rank: process 0 seals
-            return
+        distributed.barrier()  # every process has written its part (its RNG state) before process 0 seals
+        if self.args.should_save:
+            self._seal_checkpoint(model)
+        distributed.barrier()  # and none goes on before the checkpoint is in place
+
+    def _seal_checkpoint(self, model):
         name = f"checkpoint-{self.state.global_step}"
         staged = os.path.join(self.args.output_dir, name)
         checkpoints.write_json(os.path.join(staged, checkpoints.TRACE),
@@ -116,7 +187,7 @@ class DiffusionTrainer(Trainer):
             "epoch": self.state.epoch,
             "samples_seen": self.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
             * args.world_size,
-            "base_commit": base_commit(model),  # a resume loads the base at this commit
+            "base_commit": base_commit(self.model),  # a resume loads the base at this commit
         })
         checkpoints.commit(staged, os.path.join(self.checkpoint_root, name))
         checkpoints.rotate(self.checkpoint_root, self.checkpoint.keep if self.checkpoint else 1)
@@ -199,7 +270,8 @@ class StopOnSignal(TrainerCallback):
               file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        if distributed.any_true(self.signum is not None):  # all processes stop at the same step
+            self.signum = self.signum or signal.SIGTERM
             control.should_save = True
             control.should_training_stop = True
 
@@ -235,6 +307,7 @@ def training_arguments(settings: TrainSettings, output_dir: str, bf16: bool, use
         disable_tqdm=settings.disable_tqdm,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a nan is the guard's to stop on, not to be averaged away in the log
+        ddp_find_unused_parameters=False,  # every LoRA parameter gets a gradient each step (Guards checks it)
     )
 
 
@@ -262,9 +335,11 @@ def compile_layers(model, **options) -> None:
 def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, canvas_length: int, pad_id: int,
         output_dir: str, bf16: bool = False, use_cpu: bool = True, callbacks=None, log_dir: str | None = None,
         checkpoint: CheckpointSettings | None = None, resume_from: str | None = None,
-        run_config: dict | None = None) -> DiffusionTrainer:
+        run_config: dict | None = None, strategy: str = "none") -> DiffusionTrainer:
     """Train ``model`` in place on ``examples``; returns the trainer (its state holds the log history).
 
+    ``strategy`` (finetune.distributed.strategy) is how several launched processes share the work: ddp, or fsdp
+    (the frozen base sharded, LoRA as with DDP); "none" for one process.
     ``output_dir`` is where checkpoints go (<run>/checkpoints). With ``checkpoint`` settings the run is a user's run:
     sealed checkpoints every ``checkpoint.every`` steps, one on SIGINT/SIGTERM (then ``trainer.stopped_by`` holds
     the signal), and ``resume_from`` continues a checkpoint bit for bit (weights, optimizer, schedule, RNG, data
@@ -275,6 +350,10 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
     """
     callbacks = list(callbacks or [])
     prepare(model, settings)
+    if strategy != "none":  # accelerate wraps the model in DDP, which syncs only what trains
+        model._ddp_params_and_buffers_to_ignore = distributed.frozen_names(model)
+        if strategy == "fsdp":
+            distributed.shard_frozen(model)
     if "tensorboard" in settings.report_to_list():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -283,7 +362,9 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
     stop = StopOnSignal()
     if checkpoint is not None:
         callbacks.append(stop)
-        checkpoints.clean_staging(output_dir)
+        if distributed.is_main():
+            checkpoints.clean_staging(output_dir)
+        distributed.barrier()
     trainer = DiffusionTrainer(
         model=model,
         args=training_arguments(settings, output_dir, bf16, use_cpu, checkpoint),
@@ -314,10 +395,12 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
         raise RunStopped(f"{e}; training stopped before the optimizer step, so nothing was updated with it; {kept}",
                          code=1) from None
     finally:
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             checkpoints.clean_staging(output_dir)
+    if distributed.any_true(stop.signum is not None):  # a signal one process alone caught stops them all
+        stop.signum = stop.signum or signal.SIGTERM
     trainer.stopped_by = stop.signum
-    if stop.signum and trainer.state.global_step < settings.max_steps and not os.path.isdir(
-            os.path.join(output_dir, f"checkpoint-{trainer.state.global_step}")):
+    if stop.signum and trainer.state.global_step < settings.max_steps and not distributed.any_true(os.path.isdir(
+            os.path.join(output_dir, f"checkpoint-{trainer.state.global_step}"))):
         trainer._save_checkpoint(model, None)  # the signal came between the last step's end and train()'s return
     return trainer

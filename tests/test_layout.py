@@ -12,8 +12,8 @@ STAGES = [
     ["finetune.cli"],  # the command-line prologue every command shares: config only
     ["finetune.tiny", "finetune.model", "finetune.quantize", "finetune.quantized_load"],  # the model layer: load
     # base, adapter, tokenizer; the tiny architecture; 4-bit frozen weights, and quantising them as they load
-    ["finetune.head", "finetune.checkpointing", "finetune.checkpoints"],  # how a step runs: chunked head, checkpointed
-    # layers; and how a run survives: sealed checkpoints, resume
+    ["finetune.head", "finetune.checkpointing", "finetune.checkpoints", "finetune.distributed"],  # how a step runs:
+    # chunked head, checkpointed layers; how a run survives: sealed checkpoints, resume; several processes as one
     ["finetune.canvas"],
     ["finetune.data"],  # sources -> rows, render -> examples, splits
     ["finetune.objective"],

@@ -12,10 +12,12 @@ from finetune.train import TrainSettings, fit
 
 from conftest import make_model
 
-# Re-pinned when the tiny tokenizer took DiffusionGemma's markup (token ids moved); the objective is unchanged.
+# Re-pinned when the tiny tokenizer took DiffusionGemma's markup (token ids moved); and when the noise came to be drawn
+# per global sample (issue 13: each sample's own generator, so N processes draw what one does): the objective is the
+# same, the random draws are others.
 GOLDEN = {
-    "default": [9.5109, 9.392, 9.1709, 9.1397],
-    "axolotl": [10.7123, 9.6205, 9.9176, 8.0513],
+    "default": [9.4178, 9.4115, 9.2957, 9.1633],
+    "axolotl": [9.101, 10.3725, 9.4574, 9.8377],
 }
 
 

@@ -1,0 +1,128 @@
+"""The tiny recipe on 2 CPU processes (gloo) through `accelerate launch`: the loss trace of a single process with the
+same global batch (DDP, and FSDP2 sharding the base), one set of run files written by rank 0, a resume on the same
+number of processes that ends where the straight run ends, and a resume on another number refused with the reason."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune import checkpoints
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+# 4 steps of 16 rows (8 per process); the chat recipes' encoder loss, self-conditioning and uniform noise all run
+ARGS = ["train.max_steps=4", "train.logging_steps=1", "train.warmup_steps=1", "checkpoint.every=2",
+        "train.report_to=none", "train.disable_tqdm=true", "eval.enabled=false", "export.format=none"]
+LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune"]
+
+
+def launch(env, run, *extra, processes=2):
+    head = LAUNCH if processes == 2 else ["-m", "finetune"]
+    return subprocess.run([sys.executable, *head, f"output_dir={run}", *ARGS, *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def trace(run):
+    with open(os.path.join(run, checkpoints.TRACE)) as f:
+        return json.load(f)
+
+
+def logged(run, key):
+    with open(os.path.join(run, "metrics.json")) as f:
+        return [e[key] for e in json.load(f)["training"]["log_history"] if key in e and "loss" in e]
+
+
+def adapter(run):
+    return load_file(os.path.join(run, "adapter", "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(default_run, tmp_path_factory):
+    """One process with batch 16, and two processes with 8 each: the same global batch."""
+    _, env, _ = default_run  # its cache holds the tiny base: several processes refuse to pre-train it each
+    tmp = tmp_path_factory.mktemp("distributed")
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    single = launch(env, tmp / "single", "train.batch_size=16", processes=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = launch(env, tmp / "two", "train.batch_size=8")
+    assert two.returncode == 0, two.stderr[-3000:]
+    return tmp, env, two
+
+
+def test_two_processes_give_the_single_process_loss_trace_and_adapter(runs):
+    tmp, _, _ = runs
+    one, two = trace(tmp / "single"), trace(tmp / "two")
+    assert two["rows"] == one["rows"]  # the same samples in the same global order (the data sharded per process)
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)  # same noise per sample, loss over all tokens
+    assert logged(tmp / "two", "loss") == pytest.approx(logged(tmp / "single", "loss"), rel=1e-4)
+    # the gradients DDP reduced: the shared LoRA (each encoder module is its decoder twin's) counted once, as in one
+    # process (Adam would hide a gradient doubled everywhere; its norm, before clipping, does not)
+    assert logged(tmp / "two", "grad_norm") == pytest.approx(logged(tmp / "single", "grad_norm"), rel=1e-4)
+    a, b = adapter(tmp / "single"), adapter(tmp / "two")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rank_zero_alone_writes_one_checkpoint_and_one_adapter(runs):
+    tmp, _, result = runs
+    run = tmp / "two"
+    root = run / checkpoints.CHECKPOINTS
+    assert sorted(os.listdir(root)) == ["checkpoint-2", "checkpoint-4"]  # no staging left, no per-process copies
+    for name in os.listdir(root):
+        info = checkpoints.verify(str(root / name))
+        assert info["step"] == int(name.split("-")[1])
+        files = os.listdir(root / name)
+        assert files.count("adapter_model.safetensors") == 1
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(files)  # each process's random state, sealed with it
+    with open(root / "checkpoint-4" / checkpoints.CONFIG) as f:
+        assert "world_size: 2" in f.read()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(os.listdir(run / ".hydra")) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert result.stdout.count("run directory:") == 1  # rank 0 prints; the other process trains silently
+    assert "2 processes, ddp" in result.stdout
+
+
+def test_a_resume_on_two_processes_ends_where_the_straight_run_ends(runs):
+    tmp, env, _ = runs
+    resumed = tmp / "resumed"
+    result = launch(env, resumed, f"resume={tmp / 'two' / 'checkpoints' / 'checkpoint-2'}", "train.batch_size=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert trace(resumed) == trace(tmp / "two")
+    a, b = adapter(tmp / "two"), adapter(resumed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_resume_on_another_number_of_processes_is_refused_with_the_reason(runs):
+    tmp, env, _ = runs
+    result = launch(env, tmp / "one", f"resume={tmp / 'two' / 'checkpoints' / 'checkpoint-2'}", "train.batch_size=8",
+                    processes=1)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "distributed.world_size=2" in line and "same number of processes" in line, line
+
+
+def test_fsdp_sharding_the_base_gives_the_single_process_trace(runs):
+    """FSDP2 over the frozen base (LoRA replicated, reduced by DDP); self-conditioning off, which FSDP refuses with
+    the encoder's LoRA (tests/finetune/test_launch.py)."""
+    tmp, env, _ = runs
+    off = "objective.self_conditioning_p=0"
+    single = launch(env, tmp / "single-nosc", "train.batch_size=16", off, processes=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = launch(env, tmp / "fsdp", "train.batch_size=8", off, "distributed=fsdp")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "2 processes, fsdp" in sharded.stdout
+    one, two = trace(tmp / "single-nosc"), trace(tmp / "fsdp")
+    assert two["rows"] == one["rows"]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert logged(tmp / "fsdp", "grad_norm") == pytest.approx(logged(tmp / "single-nosc", "grad_norm"), rel=1e-4)
