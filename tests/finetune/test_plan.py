@@ -36,7 +36,22 @@ def mid_model(tmp_path_factory, tokenizer):
     return str(path)
 
 
-def probe(mid_model, settings) -> dict:
+@pytest.fixture(scope="module")
+def probe(mid_model):
+    """probe(settings): the plan_probe.py numbers for these settings on the mid model, measured once per module (the
+    4-bit test's unquantised SMALL_STEP is the first parametrized case's measurement)."""
+    measured = {}
+
+    def numbers(settings) -> dict:
+        key = tuple(settings)
+        if key not in measured:
+            measured[key] = run_probe(mid_model, settings)
+        return measured[key]
+
+    return numbers
+
+
+def run_probe(mid_model, settings) -> dict:
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "finetune", "plan_probe.py"),
                              json.dumps([f"model.name_or_path={mid_model}", *settings])],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=MEASURE)
@@ -44,25 +59,27 @@ def probe(mid_model, settings) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+SMALL_STEP = ["data.max_prompt_tokens=256", "data.max_response_canvases=2", "train.batch_size=2"]  # weights ~ 60%
+
+
 @pytest.mark.parametrize("settings", [
-    ["data.max_prompt_tokens=256", "data.max_response_canvases=2", "train.batch_size=2"],  # weights ~ 60%
+    SMALL_STEP,
     ["data.max_prompt_tokens=1024", "data.max_response_canvases=4", "train.batch_size=2",
      "train.gradient_checkpointing=true"],  # checkpointed: kept inputs, one layer recomputed
     ["data.max_prompt_tokens=512", "train.batch_size=2", "lora.placement=decoder",
      "objective.self_conditioning_p=0"],  # a frozen encoder keeps nothing
 ])
-def test_predicted_peak_is_within_15_percent_of_measured_rss_growth(mid_model, settings):
-    numbers = probe(mid_model, settings)
+def test_predicted_peak_is_within_15_percent_of_measured_rss_growth(probe, settings):
+    numbers = probe(settings)
     ratio = numbers["predicted"] / numbers["measured"]
     assert 0.85 <= ratio <= 1.15, (ratio, numbers)
     assert numbers["parts"]["weights: experts"] > 0.15 * numbers["predicted"]  # a model-dominated config
 
 
-def test_4_bit_experts_lower_the_measured_peak_by_the_planned_amount_within_15_percent(mid_model):
+def test_4_bit_experts_lower_the_measured_peak_by_the_planned_amount_within_15_percent(probe):
     """The same step with bf16-loaded (here fp32) and 4-bit experts: the planner's drop against the measured one."""
     pytest.importorskip("bitsandbytes")
-    settings = ["data.max_prompt_tokens=256", "data.max_response_canvases=2", "train.batch_size=2"]
-    full, four = probe(mid_model, settings), probe(mid_model, [*settings, "model.quantization=experts4bit"])
+    full, four = probe(SMALL_STEP), probe([*SMALL_STEP, "model.quantization=experts4bit"])
     planned, measured = full["predicted"] - four["predicted"], full["measured"] - four["measured"]
     assert 0.85 <= planned / measured <= 1.15, (planned, measured, full, four)
     assert 0.85 <= four["predicted"] / four["measured"] <= 1.15, four
