@@ -34,7 +34,9 @@ OTHER_MODULES = ("pytest", "venv", "pip", "eval.harness")  # python -m X that is
 # the programs the docs may name; a new one is added here on purpose, a typo fails
 PROGRAMS = ("python", "python3", "pip", "git", "cd", ".", "source", "sudo", "sh", "bash", "eval", "export",
             "tensorboard", "vllm", "huggingface-cli", "hf", "nvidia-smi", "free", "watch", "ssh", "echo", "cat",
-            "sync", "finetune")
+            "sync", "finetune", "accelerate", "torchrun", "ibdev2netdev", "ip", "chmod", "netplan", "ping",
+            "ib_write_bw", "iperf3", "sha256sum", "ssh-keygen", "ssh-copy-id", "ufw", "mkdir", "chown", "rsync")
+LAUNCHERS = ("accelerate", "torchrun")  # `accelerate launch [flags] -m MODULE args`, `torchrun [flags] -m MODULE args`
 OPERATORS = ("&&", "||", ";", "|", "&")
 REDIRECTIONS = (">", ">>", "<", "&>", ">&")  # the target that follows is dropped
 PLACEHOLDER = re.compile(r"<[^\s<>][^<>]*>")
@@ -146,6 +148,14 @@ def entry_points(command) -> list:
                                     f"PROGRAMS in tests/test_docs.py): {command}"
         if program in ("sh", "bash") and "-c" in argv:
             found += entry_points(argv[argv.index("-c") + 1])
+        elif program in LAUNCHERS and "-m" in argv:  # the module after the launcher's own -m, and its arguments,
+            at = argv.index("-m")  # checked as one of the processes it starts (finetune reads WORLD_SIZE)
+            module = argv[at + 1]
+            assert module in ENTRY_POINTS, f"{program} -m {module}: not a module these docs launch"
+            flags = argv[:at]
+            count = next((flags[i + 1] for i, f in enumerate(flags) if f in ("--num_processes", "--nproc_per_node")),
+                         "2")  # a config file's (two Sparks: 2)
+            found.append((module, argv[at + 2:], int(count)))
         elif program == "finetune":  # the console script: python -m finetune
             found.append(("finetune", argv[1:]))
         elif program in ("python", "python3") and argv[1:2] == ["-c"]:
@@ -277,10 +287,14 @@ def check_entry_point(module, args, comment, tmp_path):
         assert code == 0, err
 
 
-def check_command_line(where, command, comment, tmp_path):
-    for module, args in entry_points(command):
+def check_command_line(where, command, comment, tmp_path, monkeypatch):
+    for module, args, *processes in entry_points(command):
         try:
-            check_entry_point(module, args, comment, tmp_path)
+            with monkeypatch.context() as env:
+                if processes:  # a launcher's line: checked as one of its processes
+                    env.setenv("WORLD_SIZE", str(processes[0]))
+                    env.setenv("RANK", "0")
+                check_entry_point(module, args, comment, tmp_path)
         except AssertionError as e:
             raise AssertionError(f"{where}: {command}\n{e}") from None
 
@@ -295,16 +309,16 @@ COMMANDS = command_lines()
 
 
 @pytest.mark.parametrize("where,command,comment", COMMANDS, ids=[w for w, _, _ in COMMANDS])
-def test_documented_command(where, command, comment, tmp_path, offline):
-    check_command_line(where, command, comment, tmp_path)
+def test_documented_command(where, command, comment, tmp_path, offline, monkeypatch):
+    check_command_line(where, command, comment, tmp_path, monkeypatch)
 
 
-def test_the_check_sees_every_entry_point_and_fails_on_a_bad_key(tmp_path, offline):
+def test_the_check_sees_every_entry_point_and_fails_on_a_bad_key(tmp_path, offline, monkeypatch):
     """The docs use every entry point, and the check of each fails on a documented line with a misspelt key: the
     docs copied to tmp_path with one key changed, never the docs themselves."""
     modules = {}  # module: its first documented line that gives only key=value arguments
     for where, command, comment in COMMANDS:
-        for module, args in entry_points(command):
+        for module, args, *_ in entry_points(command):
             if all("=" in a and not a.startswith("-") for a in args):
                 modules.setdefault(module, (where, command, comment))
     for module in ENTRY_POINTS:
@@ -322,9 +336,9 @@ def test_the_check_sees_every_entry_point_and_fails_on_a_bad_key(tmp_path, offli
             (copy / os.path.relpath(doc, ROOT)).write_text("\n".join(lines) + "\n")
         mutated = [c for c in command_lines(str(copy)) if c[0] == where]
         assert mutated and bad in mutated[0][1], (where, mutated)
-        check_command_line(where, command, comment, tmp_path)  # as documented: passes
+        check_command_line(where, command, comment, tmp_path, monkeypatch)  # as documented: passes
         with pytest.raises(AssertionError, match=re.escape(bad.split("=")[0])):
-            check_command_line(*mutated[0], tmp_path)
+            check_command_line(*mutated[0], tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("line", ["pyhton -m finetune recipe=tiny", "python -m finetune.pln recipe=tiny",
@@ -344,6 +358,8 @@ def test_comments_and_placeholders_are_read_as_the_shell_reads_them():
         ("git clone <this repository> finetune && cd finetune", ""),
     ]
     assert entry_points("sudo sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches'") == []
+    assert entry_points("accelerate launch --multi_gpu --num_processes 4 -m finetune recipe=tiny output_dir=x") == [
+        ("finetune", ["recipe=tiny", "output_dir=x"], 4)]
     assert entry_points("sudo -E sh -c 'python -m finetune recipe=tiny'") == [("finetune", ["recipe=tiny"])]
     with pytest.raises(AssertionError, match="pyhton"):
         entry_points("sudo sh -c 'sync; pyhton -m finetune'")  # sh -c strings are checked too
