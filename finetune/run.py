@@ -22,8 +22,8 @@ from finetune.config import check as check_settings
 from finetune.config import settings
 from finetune.data import eval_prompts, load_splits
 from finetune.errors import RunStopped, UserError
-from finetune.model import (attach_lora, base_commit, check_quantization, count_parameters, dtype_for, load,
-                            resolve_device, resolve_model_path, target_regex, weights_note)
+from finetune.model import (attach_lora, base_commit, base_of, check_quantization, count_parameters, dtype_for,
+                            load, resolve_device, resolve_model_path, target_regex, weights_note)
 from finetune.objective import ObjectiveConfig, objective_settings
 from finetune.plan import refuse_if_it_cannot_fit
 from finetune.pretrain import base_model_path
@@ -238,6 +238,16 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         raise RunStopped(f"{stopped} after the last step: the adapter is saved in {run_dir}/adapter; evaluation and "
                          f"export were skipped (python -m eval adapter={run_dir}/adapter runs the evaluation)",
                          code=128 + trainer.stopped_by)
+    if strategy == "fsdp" and (cfg.eval.enabled or cfg.export.format != "none"):
+        # the sharded base needs every process, and the others have left: rank 0 evaluates and exports what
+        # python -m eval would load, the base and the saved adapter, on its own device
+        print(f"evaluation and export: loading the base and {run_dir}/adapter on rank 0 alone (the FSDP-sharded "
+              "model needs every process)")
+        del trainer, peft_model, model
+        peft_model, tokenizer, _ = load(path, device, dtype, adapter=os.path.join(run_dir, "adapter"),
+                                        attn=cfg.model.attn_implementation, experts=cfg.model.experts_implementation,
+                                        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+        model = base_of(peft_model)
     if cfg.eval.enabled:
         from eval.compare import compare
 

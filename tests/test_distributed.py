@@ -4,8 +4,10 @@ number of processes that ends where the straight run ends, and a resume on anoth
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -24,9 +26,14 @@ LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune"]
 
 
-def launch(env, run, *extra, processes=2):
+# a small evaluation: generation on 8 held-out rows, one batch per noise level, no benchmark or sweep
+EVALUATE = ["eval.max_examples=8", "eval.loss_batches=1", "eval.benchmark=null", "eval.sweep=null"]
+
+
+def launch(env, run, *extra, processes=2, evaluate=False):
     head = LAUNCH if processes == 2 else ["-m", "finetune"]
-    return subprocess.run([sys.executable, *head, f"output_dir={run}", *ARGS, *extra], cwd=ROOT, env=env,
+    args = [a for a in ARGS if a != "eval.enabled=false"] + EVALUATE if evaluate else ARGS
+    return subprocess.run([sys.executable, *head, f"output_dir={run}", *args, *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -68,8 +75,8 @@ def test_two_processes_give_the_single_process_loss_trace_and_adapter(runs):
     assert logged(tmp / "two", "grad_norm") == pytest.approx(logged(tmp / "single", "grad_norm"), rel=1e-4)
     a, b = adapter(tmp / "single"), adapter(tmp / "two")
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in a:  # Adam turns float rounding in tiny gradients into ~3e-5 on weights of ~0.09 after 4 steps
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_rank_zero_alone_writes_one_checkpoint_and_one_adapter(runs):
@@ -78,8 +85,8 @@ def test_rank_zero_alone_writes_one_checkpoint_and_one_adapter(runs):
     root = run / checkpoints.CHECKPOINTS
     assert sorted(os.listdir(root)) == ["checkpoint-2", "checkpoint-4"]  # no staging left, no per-process copies
     for name in os.listdir(root):
-        info = checkpoints.verify(str(root / name))
-        assert info["step"] == int(name.split("-")[1])
+        assert checkpoints.verify(str(root / name)) is None
+        assert checkpoints.manifest(str(root / name))["step"] == int(name.split("-")[1])
         files = os.listdir(root / name)
         assert files.count("adapter_model.safetensors") == 1
         assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(files)  # each process's random state, sealed with it
@@ -114,15 +121,65 @@ def test_a_resume_on_another_number_of_processes_is_refused_with_the_reason(runs
 
 def test_fsdp_sharding_the_base_gives_the_single_process_trace(runs):
     """FSDP2 over the frozen base (LoRA replicated, reduced by DDP); self-conditioning off, which FSDP refuses with
-    the encoder's LoRA (tests/finetune/test_launch.py)."""
+    the encoder's LoRA (tests/finetune/test_launch.py). Then the evaluation at the end of the run, on rank 0."""
     tmp, env, _ = runs
     off = "objective.self_conditioning_p=0"
     single = launch(env, tmp / "single-nosc", "train.batch_size=16", off, processes=1)
     assert single.returncode == 0, single.stderr[-3000:]
-    sharded = launch(env, tmp / "fsdp", "train.batch_size=8", off, "distributed=fsdp")
+    sharded = launch(env, tmp / "fsdp", "train.batch_size=8", off, "distributed=fsdp", evaluate=True)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "2 processes, fsdp" in sharded.stdout
+    # evaluated on rank 0 alone, from the base and the saved adapter (the sharded model needs every process)
+    assert "loading the base and" in sharded.stdout and (tmp / "fsdp" / "report.md").is_file()
     one, two = trace(tmp / "single-nosc"), trace(tmp / "fsdp")
     assert two["rows"] == one["rows"]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert logged(tmp / "fsdp", "grad_norm") == pytest.approx(logged(tmp / "single-nosc", "grad_norm"), rel=1e-4)
+
+
+def descendants(pid):
+    """Every process under ``pid`` (the launcher's agent and its workers)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        found += children
+        todo += children
+    return found
+
+
+def rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+    return int(env.get(b"RANK", b"-1"))
+
+
+def test_a_signal_to_one_process_stops_all_at_one_step_with_a_checkpoint(runs):
+    """SIGTERM to rank 1 alone (a node's own kill): the processes agree at the step's end, rank 0 writes the
+    checkpoint of that step and both stop, nobody left waiting in a collective."""
+    tmp, env, _ = runs
+    run = tmp / "signalled"
+    args = [a for a in ARGS if not a.startswith(("train.max_steps", "checkpoint.every"))]
+    command = [sys.executable, *LAUNCH, f"output_dir={run}", *args, "train.max_steps=200", "checkpoint.every=0",
+               "train.batch_size=8"]
+    proc = subprocess.Popen(command, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "'loss'" in line and len([x for x in lines if "'loss'" in x]) == 2:
+            break
+    workers = [p for p in descendants(proc.pid) if rank_of(p) == 1]
+    assert len(workers) == 1, lines
+    os.kill(workers[0], signal.SIGTERM)
+    started = time.monotonic()
+    out = "".join(lines) + proc.stdout.read()
+    proc.wait(timeout=300)
+    assert time.monotonic() - started < 120, out[-2000:]  # not a collective timeout
+    assert proc.returncode != 0
+    assert "SIGTERM at step" in out, out[-2000:]
+    step = int(out.split("SIGTERM at step ")[1].split(":")[0])
+    assert 1 <= step < 200
+    written = run / checkpoints.CHECKPOINTS / f"checkpoint-{step}"
+    assert checkpoints.verify(str(written)) is None and checkpoints.manifest(str(written))["step"] == step
