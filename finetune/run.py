@@ -81,7 +81,7 @@ def check(cfg: DictConfig, run_dir: str | None = None):
 
 def check_launch(cfg: DictConfig) -> None:
     """This launch's processes against the `distributed` settings; records their number as distributed.world_size
-    (the checkpoints keep it: a resume on another number is refused, see finetune.checkpoints.FIXED)."""
+    (each checkpoint's config keeps it: a resume on another number is refused, finetune.checkpoints.compare)."""
     launched = distributed.world_size()
     if launched == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
         raise UserError("MASTER_ADDR is set but WORLD_SIZE is not: accelerate launch without --multi_gpu starts "

@@ -110,18 +110,23 @@ def test_a_resume_on_two_processes_ends_where_the_straight_run_ends(runs):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
 
 
-def test_a_resume_on_another_number_of_processes_is_refused_with_the_reason(runs):
+def test_a_resume_on_another_number_of_processes_is_refused_with_the_reason(runs, monkeypatch, capsys):
+    from finetune.__main__ import check
+
     tmp, env, _ = runs
-    result = launch(env, tmp / "one", f"resume={tmp / 'two' / 'checkpoints' / 'checkpoint-2'}", "train.batch_size=8",
-                    processes=1)
-    assert result.returncode == 2
-    line = result.stderr.strip().splitlines()[-1]
+    monkeypatch.setenv("FINETUNE_CACHE", env["FINETUNE_CACHE"])
+    # one process (this one), the check a launch runs before anything loads
+    code = check([f"output_dir={tmp / 'one'}", f"resume={tmp / 'two' / 'checkpoints' / 'checkpoint-2'}", *ARGS,
+                  "train.batch_size=8"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
     assert "distributed.world_size=2" in line and "same number of processes" in line, line
 
 
 def test_fsdp_sharding_the_base_gives_the_single_process_trace(runs):
     """FSDP2 over the frozen base (LoRA replicated, reduced by DDP); self-conditioning off, which FSDP refuses with
-    the encoder's LoRA (tests/finetune/test_launch.py). Then the evaluation at the end of the run, on rank 0."""
+    the encoder's LoRA (tests/finetune/test_launch.py). Then the evaluation at the end of the run, on rank 0, and a
+    resume of the sharded run."""
     tmp, env, _ = runs
     off = "objective.self_conditioning_p=0"
     single = launch(env, tmp / "single-nosc", "train.batch_size=16", off, processes=1)
@@ -131,6 +136,13 @@ def test_fsdp_sharding_the_base_gives_the_single_process_trace(runs):
     assert "2 processes, fsdp" in sharded.stdout
     # evaluated on rank 0 alone, from the base and the saved adapter (the sharded model needs every process)
     assert "loading the base and" in sharded.stdout and (tmp / "fsdp" / "report.md").is_file()
+    # its checkpoints are a DDP run's files (LoRA and its optimizer state whole): a resume ends where it ended
+    resumed = launch(env, tmp / "fsdp-resumed", "train.batch_size=8", off, "distributed=fsdp",
+                     f"resume={tmp / 'fsdp' / 'checkpoints' / 'checkpoint-2'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert trace(tmp / "fsdp-resumed") == trace(tmp / "fsdp")
+    a, b = adapter(tmp / "fsdp"), adapter(tmp / "fsdp-resumed")
+    assert all(torch.equal(a[name], b[name]) for name in a)
     one, two = trace(tmp / "single-nosc"), trace(tmp / "fsdp")
     assert two["rows"] == one["rows"]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
