@@ -245,7 +245,7 @@ class DistributedSettings:
     """Training on several processes (the `distributed` group; launch with accelerate launch or torchrun)."""
 
     strategy: str = "auto"  # auto: ddp when launched on several processes | none | ddp: a full copy per process |
-    # fsdp: FSDP2, the frozen base and LoRA sharded over the processes (a model larger than one device)
+    # fsdp: FSDP2 shards the frozen base over the processes, LoRA replicated as with ddp (a base larger than a device)
     # processes the run is planned for (python -m finetune.plan); null: the launch's (WORLD_SIZE), 1 for a plain run
     world_size: Optional[int] = None
 

@@ -334,7 +334,7 @@ def plan(cfg: DictConfig) -> Plan:
     quantization = cfg.model.quantization
     processes = cfg.distributed.world_size or 1
     sharded = distributed.strategy(cfg.distributed.strategy, processes) == "fsdp"
-    share = processes if sharded else 1  # FSDP: each process holds 1/N of every weight and of the LoRA state
+    share = processes if sharded else 1  # FSDP: each process holds 1/N of every frozen weight (finetune.distributed)
     per = f", 1/{processes} per process (FSDP)" if sharded else ""
     weights = _weight_parts(model, quantization)
     for part, nbytes in weights.items():
@@ -342,12 +342,13 @@ def plan(cfg: DictConfig) -> Plan:
             result.parts.append((f"weights: {part}", -(-nbytes // share), _dtype_note(part, dtype, quantization,
                                                                                       cfg.model.quant_type) + per))
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    result.parts.append(("LoRA weights + gradients + AdamW state", -(-trainable * 16 // share),
-                         f"{trainable:,} fp32 parameters x (4 + 4 + 8) bytes" + per))
+    result.parts.append(("LoRA weights + gradients + AdamW state", trainable * 16,
+                         f"{trainable:,} fp32 parameters x (4 + 4 + 8) bytes" + (", whole on every process" if
+                                                                                 processes > 1 else "")))
     if sharded:  # the layer pair running now and the next one, gathered whole (forward, and again in backward)
         result.parts.append(("FSDP: gathered layers", 2 * _largest_layer_weights(model),
                              "the largest encoder/decoder layer pair's weights, whole, twice (this one, the next)"))
-    elif processes > 1:  # DDP keeps the gradients it reduces in buckets of their own
+    if processes > 1:  # DDP (FSDP's LoRA too) keeps the gradients it reduces in buckets of their own
         result.parts.append(("DDP gradient buckets", trainable * 4, "a copy of the LoRA gradients (fp32)"))
 
     by = _activations(model, shapes, quantization != "none")

@@ -73,4 +73,5 @@ def test_the_plan_of_each_process_divides_the_base_under_fsdp_only():
     assert part(ddp, "DDP gradient buckets") > 0
     assert part(fsdp, "weights") == pytest.approx(part(one, "weights") / 4, rel=1e-6)
     assert part(fsdp, "FSDP: gathered layers") > 0
+    assert part(fsdp, "LoRA") == part(one, "LoRA")  # replicated, reduced as with DDP
     assert part(fsdp, "activations") == part(one, "activations")  # each process's own batch
