@@ -55,9 +55,6 @@ class Noise:
     noisy: torch.Tensor  # (T, C)
     self_conditioning: torch.Tensor  # (B,) bool
 
-    def to(self, device) -> "Noise":
-        return Noise(*(x.to(device) for x in (self.t, self.canvas_index, self.noisy, self.self_conditioning)))
-
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The generator of the global sample ``index`` of a run seeded ``seed``: independent streams for every pair."""

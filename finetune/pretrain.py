@@ -15,7 +15,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 from finetune.config import DataSettings, ModelSettings, ObjectiveConfig, TinyBaseSettings, TrainSettings
 from finetune.data import build_examples
 from finetune.model import resolve_model_path
-from finetune.tiny import base_dir, build_config, build_tokenizer, generation_config, pretrain_rows
+from finetune.tiny import base_cached, base_dir, build_config, build_tokenizer, generation_config, pretrain_rows
 from finetune.train import fit
 
 
@@ -26,7 +26,7 @@ def ensure_base(cache_dir: str, settings: TinyBaseSettings | None = None, log=pr
     """
     settings = settings or TinyBaseSettings()
     path = base_dir(cache_dir, settings)
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
+    if base_cached(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     log(f"Pre-training the tiny base once ({settings.steps} steps); cached at {path}")
@@ -52,7 +52,7 @@ def ensure_base(cache_dir: str, settings: TinyBaseSettings | None = None, log=pr
         try:
             os.rename(out, path)
         except OSError:
-            if not os.path.isfile(os.path.join(path, "model.safetensors")):  # another process won the race
+            if not base_cached(path):  # another process won the race
                 raise
     return path
 

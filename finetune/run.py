@@ -28,7 +28,7 @@ from finetune.objective import ObjectiveConfig, objective_settings
 from finetune.plan import refuse_if_it_cannot_fit
 from finetune.pretrain import base_model_path
 from finetune.report import plot_loss, summary
-from finetune.tiny import base_dir
+from finetune.tiny import base_cached, base_dir
 from finetune.train import fit
 
 log = logging.getLogger("finetune")
@@ -105,15 +105,12 @@ def check_launch(cfg: DictConfig) -> None:
                         f"{cfg.objective.self_conditioning_p}): FSDP2 fails in backward when a sharded layer runs "
                         "with, without, then with gradient. Use lora.placement=decoder objective.encoder_ar_weight=0, "
                         "or objective.self_conditioning_p=0, or distributed=ddp when the model fits each device")
-    if launched > 1 and cfg.model.name_or_path == "tiny" and not tiny_base_cached(cfg):
+    if launched > 1 and cfg.model.name_or_path == "tiny" and not base_cached(base_dir(cfg.cache_dir,
+                                                                                       settings(cfg.model).tiny)):
         raise UserError("the tiny base is not cached yet, and several processes would each pre-train it: build it "
                         "once with one process (python -m finetune.pretrain), then launch again")
     with open_dict(cfg):
         cfg.distributed.world_size = launched
-
-
-def tiny_base_cached(cfg: DictConfig) -> bool:
-    return os.path.isfile(os.path.join(base_dir(cfg.cache_dir, settings(cfg.model).tiny), "model.safetensors"))
 
 
 def remove_if_unused(run_dir: str) -> None:

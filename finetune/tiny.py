@@ -142,6 +142,11 @@ def base_dir(cache_dir: str, settings: TinyBaseSettings) -> str:
     return os.path.join(os.path.expanduser(cache_dir), f"tiny-base-{digest}")
 
 
+def base_cached(path: str) -> bool:
+    """Whether ``path`` (a `base_dir`) holds a complete base: it is written elsewhere and renamed into place."""
+    return os.path.isfile(os.path.join(path, "model.safetensors"))
+
+
 def generation_config(tokenizer, canvas_length: int):
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
 

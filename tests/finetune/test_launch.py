@@ -42,7 +42,7 @@ def test_a_launch_the_settings_cannot_train_is_refused_naming_the_key(monkeypatc
 
 def test_a_launch_records_its_processes_and_fsdp_without_self_conditioning_passes(monkeypatch):
     launched(monkeypatch)
-    monkeypatch.setattr("finetune.run.tiny_base_cached", lambda cfg: True)
+    monkeypatch.setattr("finetune.run.base_cached", lambda path: True)
     c = cfg("distributed=fsdp", "objective.self_conditioning_p=0")
     check_launch(c)
     assert c.distributed.world_size == 2
