@@ -29,7 +29,7 @@ def heldout_loss(model, examples, objective: ObjectiveConfig, canvas_length: int
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
             out = diffusion_loss(
                 base, batch, settings, canvas_length, generator=generator,
-                t=torch.full((len(chunk),), float(t)),
+                t=torch.full((len(batch["target_example"]),), float(t)),  # per target: data.supervise=all has several
                 self_conditioning=torch.zeros(len(chunk), dtype=torch.bool),
             )
             total += float(out.diffusion_loss) * len(chunk)

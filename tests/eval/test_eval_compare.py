@@ -90,6 +90,21 @@ def test_heldout_loss_is_the_training_loss_at_that_t(tokenizer, data):
     assert float(with_self_conditioning.diffusion_loss) != pytest.approx(losses[0.7], rel=1e-6)  # the check can fail
 
 
+def test_heldout_loss_of_multi_turn_examples_scores_every_target_at_t(tokenizer):
+    """data.supervise=all: an example holds a target per assistant turn, and each gets the fixed t (a t per example
+    once crashed the end-of-run evaluation of every multi-turn run)."""
+    examples, _ = build_examples(task_rows("followup", 4, 0), tokenizer, DataSettings(supervise="all"), CANVAS, "t")
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert len(batch["target_example"]) == 8
+    model = make_model(tokenizer)
+    losses = heldout_loss(model, examples, ObjectiveConfig(), CANVAS, tokenizer.pad_token_id, t_values=(0.5,),
+                          batches=1, seed=2)
+    direct = diffusion_loss(model, batch, ObjectiveConfig(self_conditioning_p=0.0, encoder_ar_weight=0.0), CANVAS,
+                            generator=torch.Generator().manual_seed(2), t=torch.full((8,), 0.5),
+                            self_conditioning=torch.zeros(4, dtype=torch.bool))
+    assert losses[0.5] == pytest.approx(float(direct.diffusion_loss), rel=1e-6, abs=0.0)
+
+
 def test_row_speed_counts_tokens_passes_and_canvases():
     pad, eos = 0, [1, 6]
     new = torch.tensor([
