@@ -35,10 +35,12 @@ class TinyBaseSettings:
 
     size: str = "small"  # tiny (64 hidden) or small (128 hidden)
     canvas_length: int = 8  # block length; 256 in the real model
-    steps: int = 600  # full pre-training steps on the generic tasks (copy, upper, double)
+    # full pre-training steps on the generic tasks (finetune/tiny.py PRETRAIN_TASKS); 1200 rather than 600: the
+    # longer-trained base learns a new whole-word task (reverse) from 200 LoRA steps (bench/ABLATION.md)
+    steps: int = 1200
     batch_size: int = 16
     lr: float = 1e-3
-    rows: int = 6000
+    rows: int = 12000
     seed: int = 0
 
 
@@ -113,6 +115,10 @@ class DataSettings:
             raise UserError(f"data.text_prompt_fraction={self.text_prompt_fraction}: must be between 0 and 1")
         if self.max_response_canvases < 1 or self.max_prompt_tokens < 1:
             raise UserError("data.max_response_canvases and data.max_prompt_tokens must be at least 1")
+        if str(self.eval).startswith("tiny:") and not str(self.train).startswith("tiny:"):
+            # the tiny recipe's held-out set is its built-in task: with your data.train it would score the wrong task
+            raise UserError(f"data.eval={self.eval} is a built-in task, not held out of data.train={self.train}: "
+                            "give data.eval=null (holds out data.eval_fraction of your rows) or your held-out file")
 
 
 TARGET_PRESETS = ("attn_mlp", "attn", "mlp")
@@ -156,6 +162,10 @@ class ObjectiveConfig:
     weighting: str = "flat"  # flat: mean CE over counted tokens | inverse_t: CE/t, ELBO-style (axolotl)
     t_min: float = 1e-3  # t ~ U(t_min, 1) per example
     self_conditioning_p: float = 0.5  # per example: a no-grad first pass whose logits condition the second
+    # what that second pass reads: null: softmax(raw logits) (NeMo, axolotl) | [lo, hi]: softmax(raw / tau), tau ~
+    # U(lo, hi) per example, as generate() feeds each next step its logits over the step's temperature (the
+    # sampler's schedule runs from eval.generation.t_max to t_min: [0.4, 0.8] by default)
+    self_conditioning_temperature: Optional[List[float]] = None
     encoder_ar_weight: float = 1.0  # next-token loss on the encoder's hidden states (0 drops it, as Unsloth does)
 
     def __post_init__(self):
@@ -169,6 +179,10 @@ class ObjectiveConfig:
             raise ValueError(f"objective.self_conditioning_p={self.self_conditioning_p} must be in [0, 1]")
         if self.encoder_ar_weight < 0:
             raise ValueError(f"objective.encoder_ar_weight={self.encoder_ar_weight} must be >= 0")
+        temperature = self.self_conditioning_temperature
+        if temperature is not None and not (len(temperature) == 2 and 0 < temperature[0] <= temperature[1]):
+            raise ValueError(f"objective.self_conditioning_temperature={list(temperature)} must be null or [lo, hi] "
+                             "with 0 < lo <= hi, e.g. [0.4, 0.8] (the sampler's t_min, t_max)")
         if self.corruption == "mask" and self.mask_token_id is None:
             raise ValueError("objective.corruption=mask needs objective.mask_token_id "
                              "(the tokenizer has no mask token)")

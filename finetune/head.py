@@ -151,9 +151,13 @@ def softcapped_cross_entropy(lm_head, hidden: torch.Tensor, targets: torch.Tenso
     return _SoftcappedCrossEntropy.apply(hidden, lm_head.weight, targets.to(hidden.device), cap)
 
 
-def _decoder_logits(hidden, head_weight, cap):
-    """One tile of logits as the decoder's self-conditioning reads them: cast to the head's dtype, then fp32."""
-    return _logits(hidden, head_weight, cap)[0].to(head_weight.dtype).float()
+def _decoder_logits(hidden, head_weight, cap, temperature=None):
+    """One tile of logits as the decoder's self-conditioning reads them: over the rows' ``temperature`` (N, 1) when
+    given (what generate() hands the next step), cast to the head's dtype, then fp32."""
+    logits = _logits(hidden, head_weight, cap)[0]
+    if temperature is not None:
+        logits = logits / temperature
+    return logits.to(head_weight.dtype).float()
 
 
 class _SoftEmbeddings(torch.autograd.Function):
@@ -163,23 +167,23 @@ class _SoftEmbeddings(torch.autograd.Function):
 
     @staticmethod
     @_same_autocast_forward
-    def forward(ctx, hidden, head_weight, embed_weight, scale, cap):
+    def forward(ctx, hidden, head_weight, embed_weight, scale, cap, temperature):
         rows, cols = geometry(head_weight.shape[0], hidden.device)
         out = torch.empty(hidden.shape[0], embed_weight.shape[1], dtype=embed_weight.dtype, device=hidden.device)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for r in range(0, hidden.shape[0], rows):
-            h = hidden[r : r + rows]
+            h, tau = hidden[r : r + rows], None if temperature is None else temperature[r : r + rows, None]
             acc = torch.zeros(len(h), embed_weight.shape[1], dtype=torch.float32, device=h.device)
             # the running max, not shift = cap: the exponentials are cast to E's dtype before the product, and
             # exp(z - cap) underflows in float16 for every logit below ~13
             sums = _Exponentials(len(h), None, h.device, carried=acc)
             for v in range(0, head_weight.shape[0], cols):
-                exps = sums.add(_decoder_logits(h, head_weight[v : v + cols], cap))
+                exps = sums.add(_decoder_logits(h, head_weight[v : v + cols], cap, tau))
                 _accumulate(acc, exps.to(embed_weight.dtype), embed_weight[v : v + cols])
             out[r : r + rows] = (acc / sums.total[:, None]).to(embed_weight.dtype)
             lse[r : r + rows] = sums.log_sum()
         ctx.save_for_backward(hidden, head_weight, embed_weight, scale, lse)
-        ctx.cap = cap
+        ctx.cap, ctx.temperature = cap, temperature
         return out * scale
 
     @staticmethod
@@ -187,23 +191,28 @@ class _SoftEmbeddings(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, head_weight, embed_weight, scale, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[2]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         rows, cols = geometry(head_weight.shape[0], hidden.device)
         grad = (grad_out * scale).float()
         grad_embed = torch.zeros(embed_weight.shape, dtype=torch.float32, device=embed_weight.device)
         for r in range(0, hidden.shape[0], rows):
             h, shift = hidden[r : r + rows], lse[r : r + rows, None]
+            tau = None if ctx.temperature is None else ctx.temperature[r : r + rows, None]
             for v in range(0, head_weight.shape[0], cols):
-                probs = _decoder_logits(h, head_weight[v : v + cols], ctx.cap).sub_(shift).exp_()
+                probs = _decoder_logits(h, head_weight[v : v + cols], ctx.cap, tau).sub_(shift).exp_()
                 grad_embed[v : v + cols].addmm_(probs.to(embed_weight.dtype).t().float(), grad[r : r + rows])
-        return None, None, grad_embed.to(embed_weight.dtype), None, None
+        return None, None, grad_embed.to(embed_weight.dtype), None, None, None
 
 
-def soft_embeddings(lm_head, embed_tokens, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
+def soft_embeddings(lm_head, embed_tokens, hidden: torch.Tensor, cap: float | None,
+                    temperature: torch.Tensor | None = None) -> torch.Tensor:
     """The decoder's self-conditioning input for ``hidden`` (..., H) of a pass without gradient, as
-    `DiffusionGemmaDecoderModel` computes it from the logits it is given: logits cast to the head's dtype, softmax
-    in fp32, cast, @ embeddings, * scale. Trained embeddings get the gradient the decoder would give them."""
+    `DiffusionGemmaDecoderModel` computes it from the logits it is given: logits (over ``temperature``, shaped like
+    ``hidden`` without its last dimension, when given) cast to the head's dtype, softmax in fp32, cast,
+    @ embeddings, * scale. Trained embeddings get the gradient the decoder would give them."""
     weight = embed_tokens.weight
     flat = hidden.detach().reshape(-1, hidden.shape[-1])
     scale = embed_tokens.embed_scale.to(device=weight.device, dtype=weight.dtype)
-    return _SoftEmbeddings.apply(flat, lm_head.weight.detach(), weight, scale, cap).view(hidden.shape)
+    if temperature is not None:
+        temperature = temperature.to(device=flat.device, dtype=torch.float32).reshape(-1)
+    return _SoftEmbeddings.apply(flat, lm_head.weight.detach(), weight, scale, cap, temperature).view(hidden.shape)

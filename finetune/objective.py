@@ -54,6 +54,7 @@ class Noise:
     canvas_index: torch.Tensor  # (T,)
     noisy: torch.Tensor  # (T, C)
     self_conditioning: torch.Tensor  # (B,) bool
+    temperature: torch.Tensor | None = None  # (B,) the self-conditioning logits' divisor; None: raw logits
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -65,7 +66,8 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 def draw_noise(batch: dict[str, torch.Tensor], cfg: ObjectiveConfig, canvas_length: int, vocab: int,
                sample_ids: list[int], seed: int) -> Noise:
     """The noise of each example drawn from its own generator, keyed by (seed, its index in the run's global stream
-    of samples): the self-conditioning coin, then per target its canvas, t, corrupted positions and noise tokens.
+    of samples): the self-conditioning coin, then per target its canvas, t, corrupted positions and noise tokens,
+    then (objective.self_conditioning_temperature set) the temperature of its self-conditioning logits.
 
     What an example gets depends only on which sample it is, not on the batch it shares, the process it lands on or
     the number of processes: a run on N processes draws exactly the noise of the same run on one.
@@ -73,7 +75,8 @@ def draw_noise(batch: dict[str, torch.Tensor], cfg: ObjectiveConfig, canvas_leng
     target_example = batch["target_example"].cpu()
     num_canvases = batch["num_canvases"].cpu()
     tokens = batch["target_tokens"].cpu()
-    t, index, noisy, coin = [], [], [], []
+    t, index, noisy, coin, temperature = [], [], [], [], []
+    scaled = cfg.self_conditioning_temperature
     offsets = torch.arange(canvas_length)
     for example, key in enumerate(sample_ids):
         g = sample_generator(seed, key)
@@ -90,8 +93,11 @@ def draw_noise(batch: dict[str, torch.Tensor], cfg: ObjectiveConfig, canvas_leng
             index.append(k)
             t.append(level)
             noisy.append(torch.where(corrupted, noise, clean))
+        if scaled:
+            temperature.append(scaled[0] + (scaled[1] - scaled[0]) * float(torch.rand(1, generator=g)))
     return Noise(torch.tensor(t, dtype=torch.float32), torch.tensor(index, dtype=torch.long), torch.stack(noisy),
-                 torch.tensor(coin, dtype=torch.bool))
+                 torch.tensor(coin, dtype=torch.bool),
+                 torch.tensor(temperature, dtype=torch.float32) if scaled else None)
 
 
 def loss_counts(batch: dict[str, torch.Tensor], noise: Noise, cfg: ObjectiveConfig, canvas_length: int) -> torch.Tensor:
@@ -217,6 +223,7 @@ def diffusion_loss(
     canvas_index: torch.Tensor | None = None,
     self_conditioning: torch.Tensor | None = None,
     noisy: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
     lean: bool = True,
 ) -> LossOutput:
     """Compute the block-diffusion loss for a collated batch (see `finetune.canvas.collate`).
@@ -224,8 +231,9 @@ def diffusion_loss(
     Every target (assistant turn) gets one canvas, chosen uniformly among its canvases, its own t and noise;
     all targets of an example share one encoder pass and go through one decoder call. ``t``, ``canvas_index``,
     ``self_conditioning`` (per example) and ``noisy`` (the corrupted canvases) fix what is otherwise sampled, for
-    evaluation at fixed noise levels and for tests; ``generator`` makes the sampling reproducible. ``lean=False``
-    runs the stock full-logits path (same loss and gradients, far more memory).
+    evaluation at fixed noise levels and for tests, as ``temperature`` (per example) fixes the self-conditioning
+    logits' divisor when objective.self_conditioning_temperature is set; ``generator`` makes the sampling
+    reproducible. ``lean=False`` runs the stock full-logits path (same loss and gradients, far more memory).
     """
     ids = batch["input_ids"]
     device = ids.device
@@ -274,6 +282,13 @@ def diffusion_loss(
     if self_conditioning is None:
         self_conditioning = _rand(bsz, generator, device) < cfg.self_conditioning_p
     self_conditioning = self_conditioning.to(device)
+    if cfg.self_conditioning_temperature is None:
+        temperature = None
+    elif temperature is None:
+        lo, hi = cfg.self_conditioning_temperature
+        temperature = lo + (hi - lo) * _rand(bsz, generator, device)
+    if temperature is not None:
+        temperature = temperature.to(device=device, dtype=torch.float32)
     if not bool(self_conditioning.any()):
         hidden = decode(model, row_canvas, cache, row_starts)
     elif lean and lean_head(model.lm_head):
@@ -281,13 +296,18 @@ def diffusion_loss(
         # pass gets the embeddings its self-conditioning block reads, built a chunk of logits at a time.
         with torch.no_grad():
             first = decode(model, row_canvas, cache, row_starts)
-        signal = soft_embeddings(model.lm_head, model.model.decoder.embed_tokens, first, model.final_logit_softcapping)
+        tau = None if temperature is None else temperature[:, None].expand(first.shape[:2])
+        signal = soft_embeddings(model.lm_head, model.model.decoder.embed_tokens, first, model.final_logit_softcapping,
+                                 tau)
         del first
         with _SelfConditioning(model, signal, self_conditioning):
             hidden = decode(model, row_canvas, cache, row_starts)
     else:
-        with torch.no_grad():
-            sc_logits = project(model, decode(model, row_canvas, cache, row_starts)).to(model.lm_head.weight.dtype)
+        with torch.no_grad():  # as generate() hands its next step the logits over the step's temperature
+            sc_logits = project(model, decode(model, row_canvas, cache, row_starts))
+            if temperature is not None:
+                sc_logits = sc_logits / temperature[:, None, None]
+            sc_logits = sc_logits.to(model.lm_head.weight.dtype)
         hidden = decode(model, row_canvas, cache, row_starts, sc_logits, self_conditioning)
         del sc_logits
     hidden = hidden.view(bsz, k_slots, canvas_length, -1)[target_example, slot]  # (T, C, H), target order

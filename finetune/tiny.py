@@ -103,26 +103,71 @@ def _shift(word: str) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word)
 
 
+def _reverse(word: str) -> str:
+    return word[::-1]
+
+
+def _word_task(name: str, answer):
+    """Rows "name: abcde" -> answer(word) for one 5-letter word."""
+    def row(rng: random.Random) -> dict:
+        word = _word(rng)
+        return {"prompt": f"{name}: {word}", "completion": answer(word)}
+    return row
+
+
+def _sort_row(rng: random.Random) -> dict:
+    """Three 3-letter words -> the same words in alphabetical order: 11 characters, so the answer spans two 8-token
+    canvases and the boundary falls inside the third word; every output word depends on all three input words."""
+    words = [_word(rng, 3, 3) for _ in range(3)]
+    return {"prompt": f"sort: {' '.join(words)}", "completion": " ".join(sorted(words))}
+
+
+FOLLOWUP_OPS = {"shift": _shift, "reverse": _reverse}
+
+
+def _followup_row(rng: random.Random) -> dict:
+    """Two turns: the first names the operation, the second ("again: ...") only gives the word, so its answer needs
+    the history. Trained with data.supervise=all (both assistant turns), scored on the last one."""
+    op = rng.choice(sorted(FOLLOWUP_OPS))
+    first, second = _word(rng), _word(rng)
+    return {"messages": [
+        {"role": "user", "content": f"{op}: {first}"},
+        {"role": "assistant", "content": FOLLOWUP_OPS[op](first)},
+        {"role": "user", "content": f"again: {second}"},
+        {"role": "assistant", "content": FOLLOWUP_OPS[op](second)},
+    ]}
+
+
+def _swap(word: str) -> str:
+    pairs = "".join(word[i + 1] + word[i] for i in range(0, len(word) - 1, 2))
+    return pairs + (word[-1] if len(word) % 2 else "")
+
+
 TASKS = {
-    # generic skills for the base pre-training: read the prompt, write characters back in place
-    "copy": lambda w: w,
-    "upper": lambda w: w.upper(),
-    "double": lambda w: "".join(c + c for c in w),
+    # generic skills for the base pre-training: read the prompt, write characters back in place (copy, upper), or
+    # from other places of the word (double, rotate, swap, skip), so the base has learnt to route by position
+    "copy": _word_task("copy", lambda w: w),
+    "upper": _word_task("upper", str.upper),
+    "double": _word_task("double", lambda w: "".join(c + c for c in w)),
+    "rotate": _word_task("rotate", lambda w: w[1:] + w[:1]),
+    "swap": _word_task("swap", _swap),
+    "skip": _word_task("skip", lambda w: w[::2]),
     # the fine-tuning task: never seen by the base; each letter moves one step along the alphabet
-    "shift": _shift,
+    "shift": _word_task("shift", _shift),
+    # new to the base too, of other kinds (bench/objective_ablation.py): the answer depends on the whole prompt
+    "reverse": _word_task("reverse", _reverse),
+    "sort": _sort_row,  # and spans two canvases
+    "followup": _followup_row,  # multi-turn
 }
-PRETRAIN_TASKS = ("copy", "upper", "double")
+PRETRAIN_TASKS = ("copy", "upper", "double", "rotate", "swap", "skip")
 FINETUNE_TASK = "shift"
 
 
 def task_rows(task: str, n: int, seed: int) -> list[dict]:
-    """``n`` prompt/completion rows of a generated task, deterministic in ``seed``."""
+    """``n`` rows of a generated task (prompt/completion, or messages for a multi-turn one), deterministic in
+    ``seed``."""
     rng = random.Random(f"{task}-{seed}")
-    rows = []
-    for _ in range(n):
-        word = _word(rng)
-        rows.append({"prompt": f"{task}: {word}", "completion": TASKS[task](word)})
-    return rows
+    return [TASKS[task](rng) for _ in range(n)]
 
 
 def pretrain_rows(n: int, seed: int) -> list[dict]:
@@ -133,7 +178,8 @@ def pretrain_rows(n: int, seed: int) -> list[dict]:
 
 
 # --- the cached tiny base ----------------------------------------------------------------------------------------
-BASE_VERSION = 3  # bump when the tiny base recipe changes, so caches are rebuilt (3: noise drawn per sample)
+# bump when the tiny base recipe changes, so caches are rebuilt (3: noise drawn per sample; 4: six pre-training tasks)
+BASE_VERSION = 4
 
 
 def base_dir(cache_dir: str, settings: TinyBaseSettings) -> str:

@@ -112,7 +112,8 @@ class DiffusionTrainer(Trainer):
         during the call."""
         base = base_of(self.accelerator.unwrap_model(model))
         fixed = {} if noise is None else {"t": noise.t, "canvas_index": noise.canvas_index, "noisy": noise.noisy,
-                                          "self_conditioning": noise.self_conditioning}
+                                          "self_conditioning": noise.self_conditioning,
+                                          "temperature": noise.temperature}
 
         def objective(**batch):
             return diffusion_loss(base, batch, self.objective, self.canvas_length, **fixed)

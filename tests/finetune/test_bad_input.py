@@ -59,6 +59,8 @@ CASES = [
      "data.columns renames ['question'] but {tmp}/d.jsonl has columns ['completion', 'prompt']"),
     ("too few rows to hold out an eval split", "d.jsonl", jsonl(GOOD), ["data.eval=null"],
      "data.train ({tmp}/d.jsonl) has 1 row(s): too few to hold out an eval split; give data.eval"),
+    ("your data scored on the tiny recipe's built-in task", "d.jsonl", jsonl(GOOD), ["data.eval=tiny:shift"],
+     "data.eval=tiny:shift is a built-in task, not held out of data.train={tmp}/d.jsonl: give data.eval=null"),
     ("unknown bad-row policy", "d.jsonl", jsonl(GOOD), ["data.on_bad_row=ignore"],
      "data.on_bad_row='ignore': use one of error, skip"),
     ("every row bad under skip", "d.jsonl", jsonl({"messages": [U]}, {"messages": [U]}), ["data.on_bad_row=skip"],

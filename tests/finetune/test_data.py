@@ -218,3 +218,26 @@ def test_skip_policy_counts_bad_rows_and_names_the_first(tmp_path, tokenizer):
     assert [w for w, _ in stats.bad_rows] == [f"{path} line 2", f"{path} line 3"]
     with pytest.raises(UserError, match="line 2: not valid JSON"):
         read_rows(str(path), "train", settings(train=str(path)), None, Stats())
+
+
+def test_the_ablation_tasks_are_what_they_say(tokenizer):
+    """tiny:reverse depends on the whole word, tiny:sort's answer spans two canvases (the boundary inside the third
+    word), tiny:followup's second turn names no operation (the history does) and trains on both turns with
+    supervise=all; shift's rows are unchanged by the new tasks (the tiny base and golden losses depend on them)."""
+    from finetune.tiny import task_rows
+
+    assert task_rows("shift", 2, 0) == [{"prompt": "shift: sjggw", "completion": "tkhhx"},
+                                        {"prompt": "shift: nmhwv", "completion": "onixw"}]
+    for row in task_rows("reverse", 20, 1):
+        assert row["completion"] == row["prompt"].split(": ")[1][::-1]
+    sort_rows = read_rows("tiny:sort", "train", settings(train="tiny:sort"), 20, Stats())
+    examples, _ = build(sort_rows, tokenizer)
+    for row, example in zip(sort_rows, examples):
+        words = row.data["prompt"].split(": ")[1].split()
+        assert row.data["completion"].split() == sorted(words) and len(row.data["completion"]) == 11
+        assert example.targets[0].num_canvases == 2
+    followup = task_rows("followup", 20, 2)
+    ops = {row["messages"][0]["content"].split(":")[0] for row in followup}
+    assert ops == {"shift", "reverse"} and all(row["messages"][2]["content"].startswith("again: ") for row in followup)
+    examples, _ = build(followup, tokenizer, supervise="all")
+    assert [len(e.targets) for e in examples] == [2] * 20

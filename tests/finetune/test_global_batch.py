@@ -32,6 +32,19 @@ def test_a_sample_draws_the_same_noise_in_any_batch(tokenizer):
     assert not torch.equal(other_seed.t, whole.t) and not torch.equal(other_sample.t, whole.t)
 
 
+def test_the_self_conditioning_temperature_is_drawn_per_sample_after_the_rest(tokenizer):
+    """[lo, hi]: each sample's temperature comes from its own stream, within [lo, hi], and after everything else, so
+    the other draws are those of raw self-conditioning (a raw run's noise is unchanged by the setting existing)."""
+    batch = collate(examples(tokenizer)[:4], 0)
+    raw = draw_noise(batch, ObjectiveConfig(), 8, 100, [5, 6, 7, 8], seed=1)
+    scaled = draw_noise(batch, ObjectiveConfig(self_conditioning_temperature=[0.4, 0.8]), 8, 100, [5, 6, 7, 8], seed=1)
+    assert raw.temperature is None
+    for field in ("t", "canvas_index", "noisy", "self_conditioning"):
+        torch.testing.assert_close(getattr(raw, field), getattr(scaled, field))
+    assert scaled.temperature.shape == (4,) and len(set(scaled.temperature.tolist())) == 4
+    assert bool(((scaled.temperature >= 0.4) & (scaled.temperature <= 0.8)).all())
+
+
 def test_loss_counts_are_the_denominators_the_objective_divides_by(tokenizer):
     batch = collate(examples(tokenizer)[:4], 0)
     for cfg in (ObjectiveConfig(), ObjectiveConfig(loss_on="corrupted"),

@@ -55,21 +55,24 @@ def test_chunked_cross_entropy_in_bf16_rounds_like_the_models_head(small_tiles):
     torch.testing.assert_close(lean_grad, full_grad, atol=2e-2, rtol=2e-2)  # bf16: a rounding step apart
 
 
-def test_lean_objective_equals_stock_loss_and_lora_gradients(tiny_model, tokenizer, small_tiles):
+@pytest.mark.parametrize("temperature", [None, [0.4, 0.8]])
+def test_lean_objective_equals_stock_loss_and_lora_gradients(tiny_model, tokenizer, small_tiles, temperature):
     """Self-conditioning for some examples, the encoder's next-token loss on: every loss and every LoRA gradient
-    of the chunked path equals the full-logits path's."""
+    of the chunked path equals the full-logits path's, with the self-conditioning logits raw or over a temperature
+    per example (the stock path divides full logits, as generate() does)."""
     model = attach_lora(tiny_model, LoraSettings(r=4, alpha=8, placement="shared"))
     randomise_lora(model)  # B starts at zero: give every LoRA matrix a value that matters
     model.train()
     base = model.get_base_model()
     batch = batch_of(tokenizer, 4)
-    cfg = ObjectiveConfig(encoder_ar_weight=1.0)
+    cfg = ObjectiveConfig(encoder_ar_weight=1.0, self_conditioning_temperature=temperature)
     sc = torch.tensor([True, False, True, True])
+    tau = torch.tensor([0.4, 0.5, 0.8, 0.6])
 
-    def run(lean, self_conditioning=sc):
+    def run(lean, self_conditioning=sc, cfg=cfg):
         model.zero_grad()
         out = diffusion_loss(base, batch, cfg, 8, generator=torch.Generator().manual_seed(3), lean=lean,
-                             self_conditioning=self_conditioning)
+                             self_conditioning=self_conditioning, temperature=tau)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return out, grads
@@ -87,21 +90,28 @@ def test_lean_objective_equals_stock_loss_and_lora_gradients(tiny_model, tokeniz
     # the self-conditioning signal reached the lean path's decoder: without it the losses differ
     unconditioned, _ = run(True, torch.zeros(4, dtype=torch.bool))
     assert (unconditioned.per_target_loss - lean.per_target_loss)[sc].abs().min() > 1e-4
+    if temperature is not None:  # and the temperature reached it: raw logits give other losses
+        raw, _ = run(True, cfg=ObjectiveConfig(encoder_ar_weight=1.0))
+        assert (raw.per_target_loss - lean.per_target_loss)[sc].abs().min() > 1e-5
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_soft_embeddings_equal_the_decoders_own_in_every_dtype(dtype, small_tiles):
-    """softmax(logits) @ E * scale as DiffusionGemmaDecoderModel builds it from full logits. float16 is the trap:
-    exponentials shifted by the cap underflow there, so the running max is used."""
+def test_soft_embeddings_equal_the_decoders_own_in_every_dtype(dtype, scaled, small_tiles):
+    """softmax(logits) @ E * scale as DiffusionGemmaDecoderModel builds it from full logits (scaled: from the logits
+    over a temperature per row, what generate() hands it). float16 is the trap: exponentials shifted by the cap
+    underflow there, so the running max is used."""
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(9, 32, generator=g).to(dtype)
     embed = torch.nn.Embedding(300, 32).to(dtype).requires_grad_(False)
     embed.embed_scale = torch.tensor(32**0.5)
     head_layer = torch.nn.Linear(32, 300, bias=False).to(dtype)
     head_layer.weight = embed.weight  # tied, as in the model
-    ours = head.soft_embeddings(head_layer, embed, hidden, 30.0).float()
+    tau = torch.linspace(0.4, 0.8, 9) if scaled else None
+    ours = head.soft_embeddings(head_layer, embed, hidden, 30.0, tau).float()
     logits = F.linear(hidden, head_layer.weight).float()
-    logits = (torch.tanh(logits / 30.0) * 30.0).to(dtype)
+    logits = torch.tanh(logits / 30.0) * 30.0
+    logits = (logits / tau[:, None] if scaled else logits).to(dtype)
     reference = (logits.softmax(-1, dtype=torch.float32).to(dtype) @ embed.weight) * embed.embed_scale.to(dtype)
     assert reference.float().abs().max() > 0.1
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]

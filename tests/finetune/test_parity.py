@@ -124,3 +124,43 @@ def test_training_forward_uses_the_current_argument_names(tiny_model, tokenizer)
         _, cache = encode(tiny_model, batch["input_ids"])
         decode(tiny_model, batch["target_tokens"], cache, batch["target_start"])
     assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_the_scaled_self_conditioning_signal_is_what_generate_feeds_its_next_step(tiny_model, tokenizer):
+    """generate() hands denoising step n+1 the logits of step n over step n's temperature (t_max at the first step).
+    objective.self_conditioning_temperature trains on that signal: the decoder's own hidden state of step 1, turned
+    into the self-conditioning input with tau = t_max, gives exactly generate()'s step-2 logits; the raw signal
+    (what the public recipes train on) does not."""
+    from finetune.head import soft_embeddings
+    from finetune.objective import _SelfConditioning
+
+    model = tiny_model
+    C = model.config.canvas_length
+    context = torch.tensor(tokenizer("<bos>reverse: abcde", add_special_tokens=False)["input_ids"])
+    calls, rec = [], Record()
+    hook = model.model.decoder.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append((kwargs["decoder_input_ids"].clone(),
+                                                     kwargs.get("self_conditioning_logits"),
+                                                     out.last_hidden_state.clone())), with_kwargs=True)
+    torch.manual_seed(0)
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=context[None], max_new_tokens=C, max_denoising_steps=2, t_max=0.8, t_min=0.4,
+                           stability_threshold=100, confidence_threshold=1e-9,
+                           logits_processor=LogitsProcessorList([rec]))
+    finally:
+        hook.remove()
+    (_, none, first), (canvas, fed, _) = calls[:2]
+    assert none is None  # the first step conditions on nothing
+    torch.testing.assert_close(fed.float(), rec.seen[0] / 0.8)  # step 2 is fed step 1's logits over t_max
+    with torch.no_grad():
+        _, cache = encode(model, context[None])
+
+        def second_step(temperature):
+            signal = soft_embeddings(model.lm_head, model.model.decoder.embed_tokens, first,
+                                     model.final_logit_softcapping, temperature)
+            with _SelfConditioning(model, signal, torch.ones(1, dtype=torch.bool)):
+                return project(model, decode(model, canvas, cache, torch.tensor([len(context)])))
+
+        torch.testing.assert_close(second_step(torch.full((1, C), 0.8))[0], rec.seen[1][0], atol=2e-5, rtol=1e-5)
+        assert (second_step(None)[0] - rec.seen[1][0]).abs().max() > 1e-3
