@@ -62,3 +62,42 @@ def test_tiny_case_runs_and_both_paths_agree(bench, tmp_path, one_thread):
     assert stock["loss"] == pytest.approx(lean["loss"], rel=1e-5)  # same batch, same noise
     for row in (stock, lean):
         assert row["seconds"] > 0 and row["peak_gb"] >= 0 and row["tokens"] == 4 * (32 + 23)
+
+
+def ablation_module():
+    spec = importlib.util.spec_from_file_location("objective_ablation",
+                                                  os.path.join(ROOT, "bench", "objective_ablation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_interval_is_the_95_percent_t_interval_over_seeds():
+    ablation = ablation_module()
+    assert ablation.interval([0.0, 1.0]) == pytest.approx((0.5, 12.706 * 0.5))  # sd 0.707, n 2: t(1) = 12.706
+    assert ablation.interval([0.5, 0.5, 0.5]) == (0.5, 0.0)
+
+
+@pytest.mark.slow
+def test_objective_ablation_quick_scores_every_run_and_writes_the_table_and_plot(default_run, tmp_path):
+    """bench/objective_ablation.py --quick, CI's smoke test of the script (not a quality gate): two settings, two
+    seeds, each run scored at the short budget and at 4x; the table, the plot, and a second run reuses the results."""
+    import subprocess
+
+    command = [sys.executable, "bench/objective_ablation.py", "--quick", "--workers", "1", "--out", str(tmp_path)]
+    env = {**default_run[1], "OMP_NUM_THREADS": "1"}  # the cached tiny base of the default run
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "ablation_results.jsonl").read_text().splitlines()]
+    assert sorted((r["setting"], r["seed"], r["steps"]) for r in rows) == sorted(
+        (s, seed, steps) for s in ("default", "objective=unsloth") for seed in (0, 1) for steps in (4, 16))
+    for r in rows:
+        assert r["task"] == "reverse" and 0 <= r["exact_match_default"] <= 1 and 0 <= r["exact_match_fast"] <= 1
+        assert 0 < r["steps_per_canvas_default"] <= 48 and 0 < r["steps_per_canvas_fast"] <= 8
+        assert r["tokens_per_forward_default"] > 0 and 0 < r["heldout_loss"] < 10 and r["train_loss_last10"] > 0
+    table = (tmp_path / "ABLATION.md").read_text()
+    assert "`python bench/objective_ablation.py --quick" in table
+    assert table.count("| default | ") == 5 and table.count("| objective=unsloth | ") == 5  # one row per metric
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "4 runs, 4 already in" in again.stdout, again.stderr[-2000:]

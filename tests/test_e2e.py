@@ -173,12 +173,15 @@ def test_default_run_logs_loss_parts_lr_and_grad_norm_to_tensorboard(default_run
 
 @pytest.mark.slow
 def test_default_run_takes_under_5_minutes_start_to_finish(default_run):
-    """The README's promise, timed around the whole process (start-up and export included, by the fixture): the
-    run's own seconds_total starts after the imports and stops before the export, so a slow export or start-up
+    """The README's promise, timed around the whole process (start-up and export included, by the fixture): under
+    5 minutes with the tiny base cached, plus its one-time pre-training (about 4 minutes), which the run reports.
+    The run's own seconds_total starts after the imports and stops before the export, so a slow export or start-up
     never showed."""
-    tmp, _, _ = default_run
+    tmp, _, result = default_run
     wall = float((tmp / "wall_seconds").read_text())
-    assert wall < 300, wall  # under 5 minutes on 2 CPU cores
+    pretraining = float(re.search(r"Pre-trained the tiny base in (\d+) s", result.stdout).group(1))
+    assert pretraining < 360, pretraining  # the README's "about 4 minutes", with room for a slower machine
+    assert wall - pretraining < 300, (wall, pretraining)  # under 5 minutes on 2 CPU cores
     in_process = json.loads((tmp / "run" / "metrics.json").read_text())["seconds_total"]
     assert in_process < wall
 
@@ -210,3 +213,22 @@ def test_a_tiny_run_on_4_bit_experts_trains_evaluates_and_exports_from_the_origi
         merged.update(load_file(shard))
     experts = [k for k in original if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert experts and all(torch.equal(merged[k], original[k].to(merged[k].dtype)) for k in experts)
+
+
+@pytest.mark.slow
+def test_the_tiny_recipe_learns_a_users_reversal_file_as_the_readme_says(default_run, tmp_path):
+    """The README's own-task command: 200 default steps on a JSONL of five-letter reversals (a whole-word task the
+    tiny base never saw) and the adapter reverses at least 80% of the held-out words exactly (issue 14's target;
+    before the six-task base and the ablation's defaults it scored 0%)."""
+    import shlex
+
+    line = next(line for line in open(os.path.join(ROOT, "README.md")) if "data.train=tests/data/reverse.jsonl" in line)
+    command = shlex.split(line)
+    assert command[:3] == ["python", "-m", "finetune"], line
+    result = subprocess.run([sys.executable, *command[1:], f"output_dir={tmp_path / 'run'}"], cwd=ROOT,
+                            env=default_run[1], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    base, adapter = metrics["eval"]["base"], metrics["eval"]["adapter"]
+    assert adapter["exact_match"] >= 0.8 and base["exact_match"] < 0.2, (base["exact_match"], adapter["exact_match"])
+    assert metrics["training"]["steps"] == 200
