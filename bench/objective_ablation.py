@@ -221,21 +221,24 @@ def report(results: list[dict], sweep: list[dict], lrs: dict, args, seconds: flo
              f"{', '.join(map(str, HELDOUT_T))}, no self-conditioning, fixed noise; mean), the same measure for "
              f"every setting. Mean ± 95% t-interval over {len(args.seeds)} seeds (a seed sets the LoRA init, the "
              f"data, the noise and the sampler's).", "",
-             "## Learning rate per setting", "",
-             f"Swept on `{args.sweep_task}`, seed 0, over lr {', '.join(map(str, args.lrs))}, with the grid's runs "
-             f"({4 * args.budget} steps): the lr with the best exact match at {4 * args.budget} steps (ties: at "
-             f"{args.budget}, then the lower held-out loss) is the setting's lr in the grid, whose seed-0 "
-             f"`{args.sweep_task}` run is the sweep's.", "",
-             "| setting | " + " | ".join(f"lr {lr}" for lr in args.lrs) + " | chosen |",
-             "|---|" + "---|" * (len(args.lrs) + 1)]
-    for s in args.settings:
-        cells = []
-        for lr in args.lrs:
-            at = {x["steps"]: x for x in sweep if x["setting"] == s and x["lr"] == lr}
-            cells.append(f"{at[long]['exact_match_default']:.2f} ({at[short]['exact_match_default']:.2f}) / "
-                         f"{at[long]['heldout_loss']:.3f}" if at else "")
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {lrs[s]} |")
-    lines += ["", f"(exact match at {long} steps (at {short}) / held-out loss at {long})", ""]
+             "## Learning rate per setting", ""]
+    if not sweep:
+        lines += [f"No sweep: one lr for every setting, {args.lrs[0]}.", ""]
+    else:
+        lines += [f"Swept on `{args.sweep_task}`, seed 0, over lr {', '.join(map(str, args.lrs))}, with the grid's "
+                  f"runs ({long} steps): the lr with the best exact match at {long} steps (ties: at {short}, then the "
+                  f"lower held-out loss) is the setting's lr in the grid, whose seed-0 `{args.sweep_task}` run is the "
+                  "sweep's.", "",
+                  "| setting | " + " | ".join(f"lr {lr}" for lr in args.lrs) + " | chosen |",
+                  "|---|" + "---|" * (len(args.lrs) + 1)]
+        for s in args.settings:
+            cells = []
+            for lr in args.lrs:
+                at = {x["steps"]: x for x in sweep if x["setting"] == s and x["lr"] == lr}
+                cells.append(f"{at[long]['exact_match_default']:.2f} ({at[short]['exact_match_default']:.2f}) / "
+                             f"{at[long]['heldout_loss']:.3f}" if at else "")
+            lines.append(f"| {s} | " + " | ".join(cells) + f" | {lrs[s]} |")
+        lines += ["", f"(exact match at {long} steps (at {short}) / held-out loss at {long})", ""]
     for metric, title, digits in (("exact_match_default", "Exact match, default sampler", 2),
                                   ("exact_match_fast", "Exact match, fast sampler", 2),
                                   ("heldout_loss", "Held-out denoising loss (lower is better)", 3),

@@ -98,6 +98,7 @@ def test_objective_ablation_quick_scores_every_run_and_writes_the_table_and_plot
     table = (tmp_path / "ABLATION.md").read_text()
     assert "`python bench/objective_ablation.py --quick" in table
     assert table.count("| default | ") == 5 and table.count("| objective=unsloth | ") == 5  # one row per metric
+    assert "No sweep: one lr for every setting, 0.002." in table  # --quick runs one lr: no sweep table
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "4 runs, 4 already in" in again.stdout, again.stderr[-2000:]
