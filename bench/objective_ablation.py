@@ -114,7 +114,7 @@ def run_one(job: dict) -> list[dict]:
 
 
 def evaluate(model, tokenizer, rows, data, canvas: int, job: dict) -> dict:
-    from eval.generation import generate, speed_summary
+    from eval.generation import generate, sized, speed_summary
     from eval.loss import heldout_loss
     from eval.scorers import exact_match
     from finetune.config import GenerationSettings, ObjectiveConfig
@@ -125,8 +125,8 @@ def evaluate(model, tokenizer, rows, data, canvas: int, job: dict) -> dict:
     result = {}
     for name, sampler in (("default", {}), ("fast", FAST)):
         # max_new_tokens: the references' canvases plus one, as the run's evaluation sizes them
-        settings = GenerationSettings(max_new_tokens=canvas * (3 if job["task"] == "sort" else 2), seed=job["seed"],
-                                      **sampler)
+        settings, _ = sized(GenerationSettings(seed=job["seed"], **sampler), examples, canvas,
+                            data.max_response_canvases)
         gens = generate(model, tokenizer, [p for p, _, _ in pairs], settings, desc=name)
         speed = speed_summary(gens, settings.max_denoising_steps)
         result[f"exact_match_{name}"] = sum(exact_match(g.text, r) for g, (_, r, _) in zip(gens, pairs)) / len(pairs)
@@ -203,8 +203,8 @@ def fmt(mean: float, half: float, digits: int = 2) -> str:
 
 
 def report(results: list[dict], sweep: list[dict], lrs: dict, args, seconds: float) -> str:
-    budgets = [args.budget, 4 * args.budget]
     short, long = args.budget, 4 * args.budget
+    budgets = [short, long]
     runs = len({key(r) for r in sweep + results})
     lines = ["## How the numbers were made", "",
              f"Made by `{args.command}` on {args.machine}, {time.strftime('%Y-%m-%d')}: {runs} training runs "
@@ -212,9 +212,9 @@ def report(results: list[dict], sweep: list[dict], lrs: dict, args, seconds: flo
              f"{seconds / 60:.0f} minutes, the others' scores came from [{os.path.basename(args.results)}]"
              f"({os.path.basename(args.results)}) (every score of every run, one JSON line each).", "",
              f"Each grid run: the cached tiny base (finetune/tiny.py), LoRA as the tiny recipe sets it, batch 16, "
-             f"{args.rows} generated training rows, warmup 10 then cosine to lr/10 over {4 * args.budget} steps, "
-             f"scored at step {args.budget} (the short budget: the same run a quarter of the way, its lr still "
-             f"high) and at step {4 * args.budget} (the long one), on {args.heldout} held-out rows: generate()'s "
+             f"{args.rows} generated training rows, warmup 10 then cosine to lr/10 over {long} steps, "
+             f"scored at step {short} (the short budget: the same run a quarter of the way, its lr still "
+             f"high) and at step {long} (the long one), on {args.heldout} held-out rows: generate()'s "
              f"exact match at the default sampler (48 steps, entropy bound 0.1) and at a fast one "
              f"({FAST['max_denoising_steps']} steps, bound {FAST['entropy_bound']}), its tokens per forward and "
              f"steps per canvas, and the held-out denoising loss (the default objective's loss at t = "
