@@ -397,8 +397,9 @@ def test_quickstart_is_two_commands_and_ci_runs_the_same():
     assert test == "python -m pytest"
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert re.search(r"^python -m pytest$", ci, flags=re.M)
-    for step in ("python3 -m venv .venv", "pip install -q torch==2.13.0", 'pip install -q -e ".[dev'):
-        assert step in ci  # CI adds optional extras (lm-eval) so their tests run
+    for step in ("python3 -m venv .venv", "pip install -q torch==2.13.0", "constraints=(-c constraints.txt)",
+                 'pip install -q "${constraints[@]}" -e ".[dev'):
+        assert step in ci  # CI adds optional extras (lm-eval) so their tests run, on the locked versions by default
     for step in ("python3 -m venv .venv", "pip install torch==2.13.0", 'pip install -e ".[dev]"'):
         assert step in install_and_run
 
