@@ -81,7 +81,9 @@ class ModelSettings:
 class DataSettings:
     # (__post_init__ checks and never rewrites a value: Hydra builds the schema's defaults through it)
     train: str = "tiny:shift"  # tiny:<task>, a local .jsonl/.json/.parquet/.csv file or directory, or a hub data set id
-    eval: Optional[str] = "tiny:shift"  # same forms; null holds out eval_fraction of train
+    # same forms | auto: the train source's own held-out rows (tiny:<task>: new rows of the task; a hub data set: its
+    # eval_split), and for your file or directory a seeded eval_fraction of it, printed | null: always that fraction
+    eval: Optional[str] = "auto"
     train_split: str = "train"  # split names, for hub data sets
     eval_split: str = "test"
     subset: Optional[str] = None  # hub data set config name
@@ -115,10 +117,9 @@ class DataSettings:
             raise UserError(f"data.text_prompt_fraction={self.text_prompt_fraction}: must be between 0 and 1")
         if self.max_response_canvases < 1 or self.max_prompt_tokens < 1:
             raise UserError("data.max_response_canvases and data.max_prompt_tokens must be at least 1")
-        if str(self.eval).startswith("tiny:") and not str(self.train).startswith("tiny:"):
-            # the tiny recipe's held-out set is its built-in task: with your data.train it would score the wrong task
-            raise UserError(f"data.eval={self.eval} is a built-in task, not held out of data.train={self.train}: "
-                            "give data.eval=null (holds out data.eval_fraction of your rows) or your held-out file")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise UserError(f"data.eval_fraction={self.eval_fraction}: must be between 0 and 1 (the share of "
+                            "data.train held out when data.eval is null, or auto with your own file)")
 
 
 TARGET_PRESETS = ("attn_mlp", "attn", "mlp")

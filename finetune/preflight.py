@@ -45,6 +45,8 @@ def show_example(example, tokenizer) -> str:
 def stats_lines(stats: Stats, canvas_length: int) -> list[str]:
     lines = [f"[{stats.name}]", f"rows read {stats.read}   kept {stats.kept}   "
              f"dropped {sum(stats.dropped.values())}   bad {stats.bad_count}"]
+    if stats.held_out:
+        lines.append(f"  {stats.held_out}")
     for reason, n in sorted(stats.dropped.items()):
         lines.append(f"  dropped {n}: {reason}")
     lines.append(f"targets (supervised turns) {stats.targets}   truncated {stats.truncated}")

@@ -183,6 +183,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         preflight.write(run_dir, text, preflight_data)
     print(f"data: train {train_stats.kept}/{train_stats.read} rows kept ({train_stats.targets} turns), "
           f"eval {eval_stats.kept}/{eval_stats.read} (details: {run_dir}/preflight.txt)")
+    if eval_stats.held_out:
+        print(f"data.eval: {eval_stats.held_out}")
 
     # Seeded here, not at the start: pre-training the tiny base on a cold cache draws from the same generator, and
     # the LoRA initialisation must not depend on whether the base was cached.

@@ -46,6 +46,7 @@ class Stats:
     prompt_lengths: list = field(default_factory=list)
     response_lengths: list = field(default_factory=list)
     canvases: list = field(default_factory=list)  # per example
+    held_out: str = ""  # eval rows held out of data.train: how many, of how many, by which settings
 
     def drop(self, reason: str):
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -62,7 +63,8 @@ class Stats:
         return {k: v for k, v in vars(self).items() if k not in ("prompt_lengths", "response_lengths", "canvases")}
 
 
-def _is_local(source: str) -> bool:
+def is_local(source: str) -> bool:
+    """A file or directory here (not tiny:<task>, not a hub data set id)."""
     return (os.path.splitext(source)[1] in FILE_BUILDERS or source.startswith(("/", ".", "~"))
             or os.path.exists(os.path.expanduser(source)))
 
@@ -149,7 +151,7 @@ def read_rows(source: str, split: str, settings: DataSettings, limit: int | None
             raise UserError(f"data source {source!r}: unknown tiny task; use one of {', '.join(TASKS)}")
         generated = task_rows(task, limit or 2000, settings.seed + seed_offset)
         return [Row(r, f"{source} row {i}") for i, r in enumerate(generated)]
-    if _is_local(source):
+    if is_local(source):
         path = os.path.expanduser(source)
         if not os.path.exists(path):
             raise UserError(f"data file {source} does not exist: check the path given as data.train / data.eval")

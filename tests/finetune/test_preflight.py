@@ -14,7 +14,7 @@ def preflight(*args):
 
 
 TINY_EXPECTED = """\
-preflight: data.train=tiny:shift data.eval=tiny:shift canvas_length=8 supervise=last thinking=False overlong=drop
+preflight: data.train=tiny:shift data.eval=auto canvas_length=8 supervise=last thinking=False overlong=drop
 
 [data.train (tiny:shift)]
 rows read 3000   kept 3000   dropped 0   bad 0
@@ -48,6 +48,18 @@ def test_tiny_recipe_preflight_report(tmp_path):
     data = json.loads((tmp_path / "preflight.json").read_text())
     assert data["train"]["kept"] == 3000 and data["canvas_length"] == 8
     assert set(data["histograms"]["canvases"]) == {1}
+
+
+def test_your_file_on_the_tiny_recipe_is_scored_on_its_own_held_out_rows(tmp_path):
+    """`data.train=FILE` alone: data.eval=auto holds out data.eval_fraction of your rows (at most data.eval_rows) and
+    says so, instead of scoring your adapter on the recipe's built-in task."""
+    result = preflight("recipe=tiny", "data.train=tests/data/reverse.jsonl", f"output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    held = ("  held out of data.train: 64 of its 1500 rows (data.eval_fraction=0.05, at most data.eval_rows=64, seed 0); "
+            "training uses the other 1436")
+    assert "[data.eval (held out of data.train)]\nrows read 64   kept 64   dropped 0   bad 0\n" + held in result.stdout
+    assert "[data.train (tests/data/reverse.jsonl)]\nrows read 1436" in result.stdout
+    assert json.loads((tmp_path / "preflight.json").read_text())["eval"]["held_out"] == held.strip()
 
 
 def test_preflight_reports_drops_bad_rows_and_multi_turn_targets(tmp_path):
