@@ -473,7 +473,8 @@ def compare_with_plan(config, recipe: str, checkpointing: bool, rows: list, quan
 
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
-        cfg = compose([f"recipe={recipe}", f"model.name_or_path={tmp}", "model.dtype=bfloat16",
+        # model.revision=null: the schema's default revision ("main") pins a hub id and is refused for a local dir
+        cfg = compose([f"recipe={recipe}", f"model.name_or_path={tmp}", "model.revision=null", "model.dtype=bfloat16",
                        f"train.gradient_checkpointing={str(checkpointing).lower()}",
                        f"model.quantization={quantization}"])
         predicted = plan(cfg)
