@@ -286,6 +286,21 @@ def _lora_numel(module) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if "lora_" in n) if module is not None else 0
 
 
+def _frozen_numel(module) -> int:
+    """The frozen weights a module multiplies by, counted from shapes rather than storage, so that 4-bit weights
+    (--quantization: bitsandbytes' Linear4bit packs two values a byte; 4-bit experts are buffers, not Parameters)
+    count as the values they stand for and the model FLOPs do not depend on how the weights are stored."""
+    if module is None:  # v_proj of full-attention layers (attention_k_eq_v)
+        return 0
+    if hasattr(module, "gate_up_4bit"):  # finetune.quantize.install_experts4bit: its Parameters are gone
+        return 3 * module.num_experts * module.intermediate_dim * module.hidden_dim
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name}
+    total = sum(m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+                for m in linears.values())
+    covered = {f"{name}.{p}" if name else p for name, m in linears.items() for p in ("weight", "bias")}
+    return total + sum(p.numel() for n, p in module.named_parameters() if n not in covered and "lora_" not in n)
+
+
 def model_flops(model, work: Workload, objective: ObjectiveConfig) -> dict:
     """The step's model FLOPs, as the module docstring defines them."""
     base = model.get_base_model()
@@ -294,9 +309,9 @@ def model_flops(model, work: Workload, objective: ObjectiveConfig) -> dict:
     n_layers = l_lora = 0
     for layer in layers:
         attn = layer.self_attn
-        n_layers += sum(_numel(m) - _lora_numel(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-        n_layers += _numel(layer.mlp) - _lora_numel(layer.mlp) + layer.router.proj.weight.numel()
-        n_layers += _numel(layer.experts) * text.top_k_experts // text.num_experts
+        n_layers += sum(_frozen_numel(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        n_layers += _frozen_numel(layer.mlp) + layer.router.proj.weight.numel()
+        n_layers += _frozen_numel(layer.experts) * text.top_k_experts // text.num_experts
         l_lora += _lora_numel(layer)
     n_sc = _numel(base.model.decoder.self_conditioning)
     batch, noise, c = work.cpu_batch, work.cpu_noise, work.canvas_length
@@ -473,7 +488,8 @@ def compare_with_plan(config, recipe: str, checkpointing: bool, rows: list, quan
 
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
-        cfg = compose([f"recipe={recipe}", f"model.name_or_path={tmp}", "model.dtype=bfloat16",
+        # model.revision=null: the schema's default revision ("main") pins a hub id and is refused for a local dir
+        cfg = compose([f"recipe={recipe}", f"model.name_or_path={tmp}", "model.revision=null", "model.dtype=bfloat16",
                        f"train.gradient_checkpointing={str(checkpointing).lower()}",
                        f"model.quantization={quantization}"])
         predicted = plan(cfg)

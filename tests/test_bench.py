@@ -54,6 +54,36 @@ def test_flops_of_the_real_architecture_at_chat_spark(bench):
     assert 1.05 * (weights + head) < flops["model_flops"] < 1.2 * (weights + head)
 
 
+def test_flops_do_not_depend_on_how_the_weights_are_stored(bench):
+    """4-bit experts are buffers and Linear4bit packs two values a byte: counted from storage, the 4-bit steps of the
+    first H200 run lost every expert from their model FLOPs (MFU understated ~1.6x)."""
+    from finetune.config import ObjectiveConfig
+    from finetune.tiny import SPECIALS, build_config, build_tokenizer
+
+    tok = build_tokenizer()
+    config = build_config(tok)
+    c = config.canvas_length
+    batch, tokens = bench.make_batch(16, 3 * c - 1, 2, c, len(tok), len(SPECIALS), tok.eos_token_id, tok.pad_token_id)
+    objective = ObjectiveConfig()
+    work = bench.Workload("tiny", batch, bench.fixed_noise(batch, c, len(tok), objective.t_min), tokens, c, "cpu")
+    counts = {q: bench.model_flops(bench.lora_model(config, "cpu", torch.float32, quantization=q), work, objective)
+              for q in ("none", "experts4bit", "all4bit")}
+    assert counts["experts4bit"] == counts["none"] == counts["all4bit"]
+
+
+def test_plan_comparison_runs_on_the_shipped_config(bench, capsys):
+    """compare_with_plan composes with a temporary local config dir: the schema's default model.revision must not
+    reach it (it did, and every slice/full run crashed there after its first table)."""
+    from make_26b_config import OUT, slice_config
+    from transformers import DiffusionGemmaConfig
+
+    config = slice_config(DiffusionGemmaConfig.from_pretrained(OUT), 2)
+    rows = [{"variant": "lean eager", "total_gb": 8.0}, {"variant": "stock eager", "total_gb": 9.0}]
+    bench.compare_with_plan(config, "chat_spark", False, rows)
+    assert 5 < rows[0]["plan_gb"] < 15 and "plan_gb" not in rows[1]
+    assert "plan vs measured, lean eager" in capsys.readouterr().out
+
+
 def test_tiny_case_runs_and_both_paths_agree(bench, tmp_path, one_thread):
     out = tmp_path / "tiny.json"
     assert bench.main(["--case", "tiny", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
