@@ -151,12 +151,13 @@ class DiffusionTrainer(Trainer):
         """A checkpoint's optimizer and schedule state carry its learning rate, betas and weight decay; a resumed run
         uses this run's (a lower train.lr after a NaN is the point of resuming with it), with the moments and the
         step count from the checkpoint. With unchanged settings this is exactly what was saved."""
-        groups = self.optimizer.param_groups
-        fresh = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in groups]  # built from this run's args
+        fresh = [{k: g[k] for k in ("weight_decay", "betas", "eps")}  # built from this run's args
+                 for g in self.optimizer.param_groups]
         fresh_base = list(self.lr_scheduler.base_lrs)
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        groups = self.optimizer.param_groups  # the loaded ones: load_state_dict replaces the group dicts
         for group, settings, base in zip(groups, fresh, fresh_base):
             group.update(settings, initial_lr=base)
         self.lr_scheduler.base_lrs = fresh_base

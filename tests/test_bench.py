@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -84,14 +85,57 @@ def test_plan_comparison_runs_on_the_shipped_config(bench, capsys):
     assert "plan vs measured, lean eager" in capsys.readouterr().out
 
 
-def test_tiny_case_runs_and_both_paths_agree(bench, tmp_path, one_thread):
+def held_for_backward(bench, model, work, variant) -> int:
+    """A lower bound on the memory a step must add (bytes): the whole pages of what autograd keeps for backward, all
+    alive at once when forward ends (the weights and the batch, there before the step, aside). A storage of n bytes
+    spans at least n // page - 1 whole pages wherever it lies, and a whole free page is out of the process after the
+    bench's malloc_trim, so touching it grows RSS; except the LoRA gradients' pages, freed after the trim (one_step
+    drops them just before its baseline), which the step may reuse."""
+    bench.set_experts(model, variant.experts)
+    there = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *work.batch.values(),
+                                                      *work.noise.values()]}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        bench.diffusion_loss(model.get_base_model(), work.batch, variant.objective, work.canvas_length,
+                             lean=variant.lean, **work.noise)
+    page = os.sysconf("SC_PAGE_SIZE")
+    pages = sum(max(0, n // page - 1) * page for ptr, n in saved.items() if ptr not in there)
+    return pages - sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def test_tiny_case_runs_and_both_paths_agree(bench, tmp_path, one_thread, monkeypatch):
+    bounds, measure = {}, bench.measure
+
+    def bounded(model, work, variants, *args):  # the bound of each variant, from the model and batch the bench built
+        bounds.update({v.name: held_for_backward(bench, model, work, v) for v in variants})
+        return measure(model, work, variants, *args)
+
+    monkeypatch.setattr(bench, "measure", bounded)
     out = tmp_path / "tiny.json"
     assert bench.main(["--case", "tiny", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     stock, lean = rows["stock eager"], rows["lean eager"]
     assert stock["loss"] == pytest.approx(lean["loss"], rel=1e-5)  # same batch, same noise
-    for row in (stock, lean):
-        assert row["seconds"] > 0 and row["peak_gb"] >= 0 and row["tokens"] == 4 * (32 + 23)
+    for name, row in (("stock eager", stock), ("lean eager", lean)):
+        assert row["seconds"] > 0 and row["tokens"] == 4 * (32 + 23)
+        # the peak covers at least what the step had to hold at once (several MB here)
+        assert bounds[name] > 2**20 and row["peak_gb"] * bench.GB >= bounds[name], (name, row["peak_gb"], bounds)
+
+
+def test_cpu_peak_memory_sees_what_was_freed_before_the_block_ended(bench):
+    """A step's temporaries are gone by its end: only the sampling thread sees them. 64 MiB is above glibc's largest
+    mmap threshold (32 MiB), so the tensor gets pages of its own and hands them back when freed."""
+    size = 64 * 2**20
+    with bench.PeakMemory("cpu") as memory:
+        x = torch.ones(size // 4)  # written: every page resident
+        time.sleep(0.2)  # as a step works on (the sampler reads every ~1 ms)
+        del x
+    assert memory.peak >= size
 
 
 def ablation_module():

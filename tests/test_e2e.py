@@ -182,8 +182,6 @@ def test_default_run_takes_under_5_minutes_start_to_finish(default_run):
     pretraining = float(re.search(r"Pre-trained the tiny base in (\d+) s", result.stdout).group(1))
     assert pretraining < 360, pretraining  # the README's "about 4 minutes", with room for a slower machine
     assert wall - pretraining < 300, (wall, pretraining)  # under 5 minutes on 2 CPU cores
-    in_process = json.loads((tmp / "run" / "metrics.json").read_text())["seconds_total"]
-    assert in_process < wall
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from test_objective import batch_of
 from conftest import make_model
 
 from finetune import checkpointing
-from finetune.model import LoraSettings, attach_lora
+from finetune.model import LoraSettings, attach_lora, text_layers
 from finetune.objective import ObjectiveConfig, diffusion_loss
 from finetune.train import TrainSettings, compile_layers, prepare
 
@@ -69,9 +69,39 @@ def test_train_gradient_checkpointing_covers_both_passes_and_disable_restores_pl
     assert "forward" not in layer.__dict__ and not tiny_model.model.decoder.layers[0].gradient_checkpointing
 
 
-def test_compiled_layers_with_checkpointing_train_to_the_same_loss_and_gradients(tokenizer):
-    """train.compile wraps every text layer in torch.compile; traced here with the eager backend (the wiring, the
-    cache writes and the checkpoint replay under dynamo), not inductor's minutes of C++ compilation."""
+class CountingBackend:
+    """A dynamo backend that runs each graph eagerly and records which text layers it compiled a graph of (told
+    apart by their own `layer_scalar` buffers, which the encoder and decoder twins do not share) and each run of a
+    graph, with or without gradient."""
+
+    def __init__(self, layers):
+        self.owner = {b.data_ptr(): i for i, layer in enumerate(layers) for b in layer.buffers()}
+        self.graphs = []  # per compiled graph: the indices (into layers) of the layers whose buffers it reads
+        self.calls = []  # (graph, grad enabled) per run of a compiled graph
+
+    def __call__(self, gm, example_inputs):
+        index = len(self.graphs)
+        self.graphs.append({self.owner[t.data_ptr()] for t in example_inputs
+                            if isinstance(t, torch.Tensor) and t.data_ptr() in self.owner})
+
+        def run(*args):
+            self.calls.append((index, torch.is_grad_enabled()))
+            return gm.forward(*args)
+
+        return run
+
+    def runs(self):
+        """{(layer, grad enabled)} of every compiled run."""
+        return {(layer, grad) for graph, grad in self.calls for layer in self.graphs[graph]}
+
+
+def test_compiled_layers_with_checkpointing_train_to_the_same_loss_and_gradients(tokenizer, monkeypatch):
+    """train.compile wraps every text layer in torch.compile; traced here with an eager counting backend (the wiring,
+    the cache writes and the checkpoint replay under dynamo), not inductor's minutes of C++ compilation."""
+    # Each layer and grad mode is a variant of one compiled function: past dynamo's recompile limit (default 8, just
+    # what 4 decoder layers x 2 passes need here) the rest would silently run eager. From a limit of 1, only
+    # compile_layers raising it lets every layer compile.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     batch = batch_of(tokenizer, 4)
     results = []
     for compiled in (False, True):
@@ -80,9 +110,16 @@ def test_compiled_layers_with_checkpointing_train_to_the_same_loss_and_gradients
         randomise_lora(model)
         prepare(model, TrainSettings(gradient_checkpointing=True))
         if compiled:
-            compile_layers(model, backend="eager")
+            layers = text_layers(model)
+            backend = CountingBackend(layers)
+            compile_layers(model, backend=backend)
         results.append(lora_grads(model, batch))
-    assert all(layer._compiled_call_impl is not None for layer in model.get_base_model().model.decoder.layers)
+    # The step ran through dynamo's graphs: every decoder layer compiled, and run compiled in both of its passes
+    # (self-conditioning's without gradient, then the one with). The encoder layers stay eager under checkpointing
+    # (their cache write breaks the graph, as train.compile's comment says), so no graph of theirs.
+    decoder = {i for i, layer in enumerate(layers) if layer in list(model.get_base_model().model.decoder.layers)}
+    assert set().union(*backend.graphs) == decoder and all(len(g) == 1 for g in backend.graphs), backend.graphs
+    assert backend.runs() == {(i, grad) for i in decoder for grad in (False, True)}, backend.runs()
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
