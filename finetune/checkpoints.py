@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+from finetune.config import resume_rule
 from finetune.errors import UserError
 
 CHECKPOINTS = "checkpoints"  # <run>/checkpoints/checkpoint-N
@@ -165,14 +166,10 @@ def run_of(path: str) -> str:
 
 
 # --- the resume decision -------------------------------------------------------------------------------------------
-# Settings a resumed run may not change: the checkpoint's weights, optimizer state and data position mean nothing
-# under another base, LoRA shape or data stream. Anything else that differs (lr, max_steps, objective, ...) is
-# allowed and listed, since resuming with a lower lr after a NaN is a legitimate thing to do.
-FIXED = ("seed", "model.name_or_path", "model.tiny", "lora", "data", "train.batch_size", "train.grad_accum",
-         "train.seed")  # train.seed is also the sampler's data seed: another one replays another order
-# Settings that change nothing a resumed run continues (where it writes, what it reports, how it evaluates): not listed.
-UNLISTED = ("output_dir", "run_name", "resume", "cache_dir", "checkpoint", "plan", "eval", "export", "model.revision",
-            "train.logging_steps", "train.report_to", "train.disable_tqdm", "data.eval_split", "data.eval_rows")
+# What a resumed run may change is on each field of the schema (finetune.config: FIXED, HELD_OUT, LAUNCH, LISTED,
+# QUIET): the checkpoint's weights, optimizer state and data position mean nothing under another base, LoRA shape,
+# data stream or seed (refused); lr, max_steps, the objective, ... may change (listed), since resuming with a lower lr
+# after a NaN is a legitimate thing to do; where a run writes, what it reports and how it evaluates are not listed.
 
 
 @dataclass
@@ -202,27 +199,36 @@ def _flat(node, prefix="") -> dict:
     return {prefix[:-1]: node}
 
 
-def _under(key: str, prefixes) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
+def _eval_not_given(data: dict) -> bool:
+    """Without the data layer's answer (`finetune.data.holds_out_of_train`): data.eval null or auto may hold rows out
+    of data.train."""
+    return data.get("eval", "") in (None, "auto")
 
 
-def compare(saved: dict, now: dict, checkpoint: str) -> list[str]:
-    """Settings that differ between the checkpoint's config and this run's: refused if fixed, else listed."""
+def compare(saved: dict, now: dict, checkpoint: str, holds_out=_eval_not_given) -> list[str]:
+    """Settings that differ between the checkpoint's config and this run's: refused if fixed, else listed.
+    ``holds_out(data)`` says whether a config's data block takes its eval rows out of data.train."""
     old, new = _flat(saved), _flat(now)
+    held_out = any(holds_out(config.get("data") or {}) for config in (saved, now))  # here or in the checkpoint
     changed = []
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key), new.get(key)
-        # data.eval only names the held-out set, unless one side is null: then it also decides what train keeps.
+        rule = resume_rule(key)
+        if rule == "held_out" and not held_out:
+            rule = "quiet"  # it only names or sizes the held-out set
         # A key the checkpoint's config lacks was added to the schema since: nothing to compare it with.
-        if before == after or key not in old or _under(key, UNLISTED) or key == "data.eval" and None not in (
-                before, after):
+        if before == after or key not in old or rule == "quiet":
             continue
-        if _under(key, ("distributed",)):
+        if rule == "launch":
             raise UserError(f"resume: {checkpoint} was written by a launch with {key}={before!r}, this one has "
                             f"{after!r}: a checkpoint holds each process's data position and random state and its "
                             "optimizer state as that launch laid it out, so resume with the same number of "
                             "processes and strategy (accelerate launch --num_processes N), or start a new run")
-        if _under(key, FIXED):
+        if rule == "held_out":
+            raise UserError(f"resume: {checkpoint} was trained with {key}={before!r}, this run says {after!r}: while "
+                            "the eval rows are held out of data.train it decides which rows train, and a resumed run "
+                            "keeps its training rows (drop the override, or start a new run in another output_dir)")
+        if rule == "fixed":
             raise UserError(f"resume: {checkpoint} was trained with {key}={before!r}, this run says {after!r}: a "
                             "resumed run keeps its base, LoRA, data, batch and seed (drop the override, or start a "
                             "new run in another output_dir)")
@@ -236,7 +242,7 @@ def _saved_config(checkpoint: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(os.path.join(checkpoint, CONFIG)), resolve=False)
 
 
-def choose(resume, run_dir: str, config: dict) -> tuple[Decision, list[str]]:
+def choose(resume, run_dir: str, config: dict, holds_out=_eval_not_given) -> tuple[Decision, list[str]]:
     """What this run continues from, and what must be set aside first, for ``resume`` (auto | false | a checkpoint
     or run directory) and the run directory; plus warnings to print. Refusals are UserErrors that say what to do.
 
@@ -245,6 +251,7 @@ def choose(resume, run_dir: str, config: dict) -> tuple[Decision, list[str]]:
     directory), checked strictly; into its own run directory (newer checkpoints of that run, from the trajectory
     being abandoned, are renamed aside), or into run_dir as a new run branched from it. A run directory holding a
     finished adapter is only continued when PATH names it or one of its checkpoints; that adapter is renamed aside.
+    ``holds_out`` goes to `compare`.
     """
     value = resume_value(resume)
     root = os.path.join(run_dir, CHECKPOINTS)
@@ -295,7 +302,8 @@ def choose(resume, run_dir: str, config: dict) -> tuple[Decision, list[str]]:
         if not same_run and (finished or listed(root)):
             raise UserError(f"output_dir {run_dir} already holds a run: to branch from {checkpoint}, give an "
                             "output_dir that is new or empty (nothing overwritten)")
-    decision = Decision(checkpoint=checkpoint, changed=compare(_saved_config(checkpoint), config, checkpoint))
+    decision = Decision(checkpoint=checkpoint, changed=compare(_saved_config(checkpoint), config, checkpoint,
+                                                               holds_out))
     step = int(_NAME.match(os.path.basename(checkpoint)).group(1))
     newer = [path for n, path in listed(root) if n > step] if value != "auto" else []
     for path in reversed(newer):  # else rotation and resume=auto would take them for this run's newest

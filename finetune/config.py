@@ -11,9 +11,11 @@ input is still one line and exit code 2 with nothing written. `python -m eval`, 
 `python -m finetune.export` compose the same config through the same prologue.
 """
 
+import dataclasses
 import glob
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -29,6 +31,16 @@ DEFAULT_RECIPE = "tiny"
 
 
 # --- the schema ----------------------------------------------------------------------------------------------------
+# What a resumed run may change (finetune.checkpoints.compare) is a fact of each field, given as its metadata and
+# inherited by the fields under it (every field of `Config` states one, so a new key cannot be forgotten):
+FIXED = {"resume": "fixed"}  # refused: the checkpoint's weights, optimizer state and data position mean nothing else
+HELD_OUT = {"resume": "held_out"}  # fixed while eval rows come out of data.train (it decides which train), else quiet
+LAUNCH = {"resume": "launch"}  # refused: the checkpoint holds each process's state as that launch laid it out
+LISTED = {"resume": "listed"}  # allowed and listed as changed (a lower lr after a NaN is a legitimate resume)
+QUIET = {"resume": "quiet"}  # allowed, not listed: where the run writes, what it reports, how it evaluates
+RESUME_RULES = ("fixed", "held_out", "launch", "listed", "quiet")
+
+
 @dataclass
 class TinyBaseSettings:
     """The built-in tiny base; changing any key builds (and caches) another base."""
@@ -51,7 +63,8 @@ QUANT_TYPES = ("nf4", "fp4")
 
 @dataclass
 class ModelSettings:
-    name_or_path: str = "tiny"  # tiny (built in), a hub id (google/diffusiongemma-26B-A4B-it) or a local directory
+    # tiny (built in), a hub id (google/diffusiongemma-26B-A4B-it) or a local directory
+    name_or_path: str = field(default="tiny", metadata=FIXED)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU | float32 | bfloat16 | float16
     # none | experts4bit: the 128 frozen experts per layer in 4 bits (45.7 -> ~12.9 GB for the 26B model) | all4bit:
     # the dense text linears too (3.3 -> ~0.9 GB); the LoRA adapter is the same as on the bf16 base
@@ -61,9 +74,11 @@ class ModelSettings:
     # how the 128 frozen experts run: auto (eager on CPU, grouped_mm on CUDA: bench/experts.py) | eager |
     # grouped_mm | batched_mm (copies each token's expert weights: inference only)
     experts_implementation: str = "auto"
-    revision: Optional[str] = None  # hub ids only: the branch, tag or commit hash to load (null: the default branch)
+    # hub ids only: the branch, tag or commit hash to load (null: the default branch)
+    revision: Optional[str] = field(default=None, metadata=QUIET)
     trust_remote_code: bool = False  # run code shipped with a checkpoint (auto_map); DiffusionGemma (native) needs none
-    tiny: TinyBaseSettings = field(default_factory=TinyBaseSettings)  # used only when name_or_path is tiny
+    # used only when name_or_path is tiny
+    tiny: TinyBaseSettings = field(default_factory=TinyBaseSettings, metadata=FIXED)
 
     def __post_init__(self):
         for key, allowed in (("quantization", QUANTIZATIONS), ("quant_type", QUANT_TYPES)):
@@ -83,13 +98,15 @@ class DataSettings:
     train: str = "tiny:shift"  # tiny:<task>, a local .jsonl/.json/.parquet/.csv file or directory, or a hub data set id
     # same forms | auto: the train source's own held-out rows (tiny:<task>: new rows of the task; a hub data set: its
     # eval_split), and for your file or directory a seeded eval_fraction of it, printed | null: always that fraction
-    eval: Optional[str] = "auto"
+    eval: Optional[str] = field(default="auto", metadata=HELD_OUT)
     train_split: str = "train"  # split names, for hub data sets
-    eval_split: str = "test"
+    eval_split: str = field(default="test", metadata=QUIET)
     subset: Optional[str] = None  # hub data set config name
     train_rows: Optional[int] = None  # cap on rows read (tiny: rows generated); null reads them all
-    eval_rows: Optional[int] = 64
-    eval_fraction: float = 0.05  # with eval null: this seeded fraction of train is held out
+    # rows read from the eval source; held out of train (eval null, or auto with your file): at most this many of its
+    # rows, the rest train
+    eval_rows: Optional[int] = field(default=64, metadata=HELD_OUT)
+    eval_fraction: float = field(default=0.05, metadata=HELD_OUT)  # held out of train: this seeded fraction of it
     seed: int = 0  # linked to the run's seed in conf/config.yaml
     system_prompt: Optional[str] = None  # prepended as a system turn when the row has none
     max_prompt_tokens: int = 1024  # longer prompts are dropped (or cut) and counted: prompts cost encoder memory
@@ -197,8 +214,8 @@ class TrainSettings:
     """The public recipes' optimiser: AdamW (0.95, 0.99), warmup then cosine to lr/10, clip 1.0, 800 steps."""
 
     max_steps: int = 800
-    batch_size: int = 1  # per device; effective batch = batch_size x grad_accum
-    grad_accum: int = 8
+    batch_size: int = field(default=1, metadata=FIXED)  # per device; effective batch = batch_size x grad_accum
+    grad_accum: int = field(default=8, metadata=FIXED)
     lr: float = 1.5e-4
     min_lr_ratio: float = 0.1  # cosine ends at lr x min_lr_ratio
     warmup_steps: int = 25
@@ -206,17 +223,18 @@ class TrainSettings:
     adam_beta1: float = 0.95
     adam_beta2: float = 0.99
     max_grad_norm: float = 1.0
-    logging_steps: int = 10
+    logging_steps: int = field(default=10, metadata=QUIET)
     # true: encoder and decoder layers are recomputed in backward instead of keeping their activations
     gradient_checkpointing: bool = False
     # true: torch.compile each text layer (regional); measured no gain on CPU (bench/RESULTS.md). With
     # gradient_checkpointing the encoder layers stay uncompiled (their cache write breaks the graph)
     compile: bool = False
-    seed: int = 0  # linked to the run's seed in conf/config.yaml
-    disable_tqdm: bool = False
+    # linked to the run's seed in conf/config.yaml; also the sampler's data seed: another one replays another order
+    seed: int = field(default=0, metadata=FIXED)
+    disable_tqdm: bool = field(default=False, metadata=QUIET)
     # where the loss, its parts, lr and grad norm go live: tensorboard (into <run>/tensorboard) | none | wandb |
     # trackio; several, quoted for Hydra: train.report_to='tensorboard,wandb'
-    report_to: str = "tensorboard"
+    report_to: str = field(default="tensorboard", metadata=QUIET)
 
     def __post_init__(self):
         for name in self.report_to_list():
@@ -380,24 +398,40 @@ class ExportSettings:
 
 @dataclass
 class Config:
-    run_name: Optional[str] = None  # names the run directory; null: the recipe name
-    output_dir: Optional[str] = None  # the run directory (same as hydra.run.dir); null: outputs/<run_name>-<time>
-    cache_dir: str = "${oc.env:FINETUNE_CACHE,'~/.cache/finetune'}"  # where the pre-trained tiny base is cached
-    seed: int = 0  # one seed for data order, noise and initialisation
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    run_name: Optional[str] = field(default=None, metadata=QUIET)  # names the run directory; null: the recipe name
+    # the run directory (same as hydra.run.dir); null: outputs/<run_name>-<time>
+    output_dir: Optional[str] = field(default=None, metadata=QUIET)
+    # where the pre-trained tiny base is cached
+    cache_dir: str = field(default="${oc.env:FINETUNE_CACHE,'~/.cache/finetune'}", metadata=QUIET)
+    seed: int = field(default=0, metadata=FIXED)  # one seed for data order, noise and initialisation
+    model: ModelSettings = field(default_factory=ModelSettings, metadata=LISTED)
+    data: DataSettings = field(default_factory=DataSettings, metadata=FIXED)
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata=FIXED)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata=LISTED)
+    train: TrainSettings = field(default_factory=TrainSettings, metadata=LISTED)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings, metadata=QUIET)
     # auto: continue output_dir's newest complete checkpoint in place (fresh when it has none) | false: start fresh |
     # a checkpoint or run directory to continue (python -m finetune resume=PATH continues in PATH's run directory)
-    resume: Any = "auto"
-    hardware: HardwareSettings = field(default_factory=HardwareSettings)
-    distributed: DistributedSettings = field(default_factory=DistributedSettings)
-    plan: PlanSettings = field(default_factory=PlanSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    export: ExportSettings = field(default_factory=ExportSettings)
+    resume: Any = field(default="auto", metadata=QUIET)
+    hardware: HardwareSettings = field(default_factory=HardwareSettings, metadata=LISTED)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings, metadata=LAUNCH)
+    plan: PlanSettings = field(default_factory=PlanSettings, metadata=QUIET)
+    eval: EvalSettings = field(default_factory=EvalSettings, metadata=QUIET)
+    export: ExportSettings = field(default_factory=ExportSettings, metadata=QUIET)
+
+
+def resume_rule(key: str) -> str:
+    """How a resumed run treats a change of the dotted config ``key``: the `resume` metadata of its field, or of the
+    nearest field above it. A key the schema no longer has is listed (it was removed since the checkpoint)."""
+    cls, rule = Config, "listed"
+    for part in key.split("."):
+        found = {f.name: f for f in dataclasses.fields(cls)}.get(part) if cls else None
+        if found is None:
+            break
+        rule = found.metadata.get("resume", rule)
+        hint = typing.get_type_hints(cls)[part]
+        cls = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+    return rule
 
 
 def settings(node):

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune import checkpoints, distributed, preflight
 from finetune.config import check as check_settings
 from finetune.config import settings
-from finetune.data import eval_prompts, load_splits
+from finetune.data import eval_prompts, holds_out_of_train, load_splits
 from finetune.errors import RunStopped, UserError
 from finetune.model import (attach_lora, base_commit, base_of, check_quantization, count_parameters, dtype_for,
                             load, resolve_device, resolve_model_path, target_regex, weights_note)
@@ -74,7 +74,8 @@ def check(cfg: DictConfig, run_dir: str | None = None):
     run_dir = run_dir or cfg.output_dir
     decision = None
     if run_dir:  # what it would resume, or why it cannot: before anything loads
-        decision = checkpoints.choose(cfg.resume, os.path.abspath(run_dir), OmegaConf.to_container(cfg, resolve=True))
+        decision = checkpoints.choose(cfg.resume, os.path.abspath(run_dir), OmegaConf.to_container(cfg, resolve=True),
+                                      holds_out=holds_out_of_train)
     refuse_if_it_cannot_fit(cfg)  # before 52 GB load and fail
     return decision
 

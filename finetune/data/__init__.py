@@ -12,9 +12,10 @@ Split along one seam: `sources` reads rows and knows nothing of tokens, `render`
 from finetune.config import DataSettings
 from finetune.data.render import ROLES, Renderer, build_example, build_examples, conversation, eval_prompts
 from finetune.data.sources import FILE_BUILDERS, BadRow, Row, Stats, read_rows, reject
-from finetune.data.splits import eval_source, load_splits
+from finetune.data.splits import eval_source, holds_out_of_train, load_splits
 
 # `render` (one row -> prompt, answer) stays in finetune.data.render: re-exporting it here would hide that submodule
 # behind a function of the same name.
 __all__ = ["DataSettings", "ROLES", "Renderer", "build_example", "build_examples", "conversation", "eval_prompts",
-           "FILE_BUILDERS", "BadRow", "Row", "Stats", "read_rows", "reject", "eval_source", "load_splits"]
+           "FILE_BUILDERS", "BadRow", "Row", "Stats", "read_rows", "reject", "eval_source", "holds_out_of_train",
+           "load_splits"]

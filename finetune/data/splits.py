@@ -16,9 +16,20 @@ def eval_source(settings: DataSettings) -> str | None:
     data.eval=auto: a generated tiny:<task> gives new rows of its task, a hub data set its data.eval_split, and a file
     or directory of yours a seeded data.eval_fraction of its rows (never the tiny recipe's built-in task, which would
     score your adapter on the wrong task)."""
-    if settings.eval != "auto":
-        return settings.eval or None
-    return None if is_local(settings.train) else settings.train
+    return _eval_source(settings.eval, settings.train)
+
+
+def _eval_source(eval_: str | None, train: str) -> str | None:
+    if eval_ != "auto":
+        return eval_ or None
+    return None if is_local(train) else train
+
+
+def holds_out_of_train(data: dict) -> bool:
+    """Whether a config's ``data`` block (a plain mapping, as a checkpoint keeps it) has no eval source, so its eval
+    rows come out of data.train and data.eval_rows and data.eval_fraction decide which rows train (the resume
+    decision, finetune.checkpoints.compare)."""
+    return _eval_source(data.get("eval"), str(data.get("train"))) is None
 
 
 def load_splits(settings: DataSettings, tokenizer, canvas_length: int):

@@ -135,6 +135,40 @@ def test_resume_refuses_another_lora_and_lists_a_changed_learning_rate(tmp_path)
     assert decision.changed == ["train.lr: 0.002 -> 0.001"]  # a key the checkpoint predates is not compared
 
 
+@pytest.mark.parametrize("eval_,train,held_out", [(None, "tiny:shift", True), ("auto", "mine.jsonl", True),
+                                                   ("auto", "tiny:shift", False), ("theirs.json", "mine.jsonl", False)])
+def test_resume_refuses_what_changes_the_held_out_rows_only_while_they_come_out_of_train(
+        tmp_path, eval_, train, held_out):
+    """When the eval rows are held out of data.train (data.eval null, or auto with a file of yours), data.eval_rows
+    and data.eval_fraction decide which rows a resumed run trains on; with an eval source of its own they only size
+    that set. finetune.run passes the data layer's answer, finetune.data.holds_out_of_train."""
+    from finetune.data import holds_out_of_train
+
+    config = {**CONFIG, "data": {"train": train, "eval": eval_, "eval_rows": 64, "eval_fraction": 0.05}}
+    fake_checkpoint(tmp_path, 2, config)
+    for key, value in (("eval_rows", 32), ("eval_fraction", 0.1)):
+        changed = {**config, "data": {**config["data"], key: value}}
+        if held_out:
+            with pytest.raises(UserError, match=rf"data.{key}=.*held out of data.train it decides which rows train"):
+                checkpoints.choose("auto", str(tmp_path), changed, holds_out=holds_out_of_train)
+        else:
+            assert checkpoints.choose("auto", str(tmp_path), changed, holds_out=holds_out_of_train)[0].changed == []
+
+
+def test_every_setting_states_what_a_resume_may_do_with_it():
+    """The fixed and free settings are the schema's own metadata, not a hand list: every top-level field states
+    one, and the fields under it inherit it unless they state their own."""
+    import dataclasses
+
+    from finetune.config import RESUME_RULES, Config, resume_rule
+
+    for f in dataclasses.fields(Config):
+        assert f.metadata.get("resume") in RESUME_RULES, f"Config.{f.name} states no resume rule"
+    assert [resume_rule(k) for k in ("lora.r", "train.lr", "train.batch_size", "data.eval_rows", "eval.loss_t",
+                                     "distributed.world_size", "model.tiny.size", "model.revision")] == [
+        "fixed", "listed", "fixed", "held_out", "quiet", "launch", "fixed", "quiet"]
+
+
 def test_python_m_finetune_resume_path_is_the_runs_own_command_in_its_own_directory(tmp_path):
     run = tmp_path / "run"
     checkpoint = str(run / "checkpoints" / "checkpoint-4")
