@@ -147,6 +147,16 @@ def _strip_thinking(messages: list[dict]) -> bool:
     return stripped
 
 
+def split_text(tokenizer, text: str, fraction: float) -> tuple[list[int], list[int]]:
+    """A plain-text row's tokens (no BOS) as (prompt, supervised tail): the one rule training and evaluation share.
+    The prompt is ``fraction`` of the text's tokens, with at least one token on each side."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        raise BadRow("column 'text' is too short to split into a prompt and a continuation")
+    cut = min(len(ids) - 1, max(1, round(len(ids) * fraction)))
+    return ids[:cut], ids[cut:]
+
+
 def build_example(row: Row, index: int, renderer: Renderer, settings: DataSettings, canvas_length: int,
                   stats: Stats) -> Example | None:
     """One row -> an Example with its targets under the length policy, or None when nothing is left of it."""
@@ -154,12 +164,9 @@ def build_example(row: Row, index: int, renderer: Renderer, settings: DataSettin
     eos = tok.eos_token_id
     messages = conversation(row.data, settings)
     if messages is None:  # plain text: the head is the prompt, the tail the response
-        ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(
-            row.data["text"], add_special_tokens=False)["input_ids"]
-        if len(ids) < 2:
-            raise BadRow("column 'text' is too short to split into a prompt and a continuation")
-        cut = min(len(ids) - 1, max(1, round(len(ids) * settings.text_prompt_fraction)))
-        ids, spans, final = ids, [(cut, len(ids))], [True]
+        head, tail = split_text(tok, row.data["text"], settings.text_prompt_fraction)
+        ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + head + tail
+        spans, final = [(len(ids) - len(tail), len(ids))], [True]
     else:
         if not settings.thinking and _strip_thinking(messages):
             stats.thinking_stripped += 1
@@ -248,13 +255,13 @@ def eval_prompts(rows, tokenizer, settings: DataSettings) -> list[tuple[str, str
         data = row.data if isinstance(row, Row) else row
         try:
             messages = conversation(data, settings)
+            if messages is None:
+                head, tail = split_text(tokenizer, data["text"], settings.text_prompt_fraction)
         except BadRow:
             continue
         if messages is None:
-            ids = tokenizer(data["text"], add_special_tokens=False)["input_ids"]
-            cut = max(1, round(len(ids) * settings.text_prompt_fraction))
             bos = tokenizer.bos_token or ""
-            out.append((bos + tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:]), tokenizer.decode(ids[:cut])))
+            out.append((bos + tokenizer.decode(head), tokenizer.decode(tail), tokenizer.decode(head)))
             continue
         if not settings.thinking:
             _strip_thinking(messages)

@@ -131,6 +131,18 @@ def test_plain_text_supervises_the_tail(tokenizer):
     assert decode_targets(tokenizer, ex) == ["fghij"]
 
 
+@pytest.mark.parametrize("text", ["ab", "abc", "abcdefg", "abcdefghi", "abcdefghijklm"])
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.9])
+def test_plain_text_is_split_the_same_for_training_and_evaluation(tokenizer, text, fraction):
+    """The held-out prompt is what training puts before the supervised tail, and the reference is that tail."""
+    from finetune.data import eval_prompts
+
+    examples, _ = build([{"text": text}], tokenizer, text_prompt_fraction=fraction)
+    ex = examples[0]
+    [(prompt, answer, _)] = eval_prompts([{"text": text}], tokenizer, settings(text_prompt_fraction=fraction))
+    assert (tokenizer.decode(ex.input_ids[: ex.targets[0].start]), decode_targets(tokenizer, ex)) == (prompt, [answer])
+
+
 def test_supervise_all_makes_one_target_per_assistant_turn(tokenizer):
     last, _ = build([{"messages": CHAT}], tokenizer, supervise="last")
     every, _ = build([{"messages": CHAT}], tokenizer, supervise="all")
