@@ -64,26 +64,37 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 
 
 def draw_noise(batch: dict[str, torch.Tensor], cfg: ObjectiveConfig, canvas_length: int, vocab: int,
-               sample_ids: list[int], seed: int) -> Noise:
-    """The noise of each example drawn from its own generator, keyed by (seed, its index in the run's global stream
-    of samples): the self-conditioning coin, then per target its canvas, t, corrupted positions and noise tokens,
-    then (objective.self_conditioning_temperature set) the temperature of its self-conditioning logits.
+               sample_ids: list[int] | None = None, seed: int = 0, generator: torch.Generator | None = None,
+               t: torch.Tensor | None = None, canvas_index: torch.Tensor | None = None,
+               self_conditioning: torch.Tensor | None = None, temperature: torch.Tensor | None = None) -> Noise:
+    """The noise of a batch, the one sampler of training and evaluation: per example the self-conditioning coin,
+    then per target its canvas, t, corrupted positions and noise tokens, then (objective.self_conditioning_temperature
+    set) the temperature of its self-conditioning logits. A corrupted position keeps its noise token even when the
+    draw hits the clean one: the loss counts as corrupted what differs from the clean canvas (`diffusion_loss`).
 
-    What an example gets depends only on which sample it is, not on the batch it shares, the process it lands on or
-    the number of processes: a run on N processes draws exactly the noise of the same run on one.
+    Training gives ``sample_ids``: each example draws from its own generator, keyed by (``seed``, its index in the
+    run's global stream of samples), so what an example gets depends only on which sample it is, not on the batch it
+    shares, the process it lands on or the number of processes: a run on N processes draws exactly the noise of the
+    same run on one. Without them the examples draw in turn from one CPU ``generator`` (None: torch's global one),
+    so a batch split in chunks draws what it draws whole. ``t``, ``canvas_index`` (per target),
+    ``self_conditioning`` and ``temperature`` (per example) fix those values; they are still drawn, so fixing one
+    moves nothing else.
     """
     target_example = batch["target_example"].cpu()
     num_canvases = batch["num_canvases"].cpu()
     tokens = batch["target_tokens"].cpu()
-    t, index, noisy, coin, temperature = [], [], [], [], []
+    examples = len(sample_ids) if sample_ids is not None else batch["input_ids"].shape[0]
+    levels, index, noisy, coin, temperatures = [], [], [], [], []
     scaled = cfg.self_conditioning_temperature
     offsets = torch.arange(canvas_length)
-    for example, key in enumerate(sample_ids):
-        g = sample_generator(seed, key)
+    for example in range(examples):
+        g = generator if sample_ids is None else sample_generator(seed, sample_ids[example])
         coin.append(bool(torch.rand(1, generator=g) < cfg.self_conditioning_p))
         for target in (target_example == example).nonzero().flatten().tolist():
             k = min(int(torch.rand(1, generator=g) * num_canvases[target]), int(num_canvases[target]) - 1)
+            k = k if canvas_index is None else int(canvas_index[target])
             level = cfg.t_min + (1.0 - cfg.t_min) * float(torch.rand(1, generator=g))
+            level = level if t is None else float(t[target])
             clean = tokens[target, k * canvas_length + offsets]
             corrupted = torch.rand(canvas_length, generator=g) < level
             if cfg.corruption == "uniform":
@@ -91,13 +102,15 @@ def draw_noise(batch: dict[str, torch.Tensor], cfg: ObjectiveConfig, canvas_leng
             else:
                 noise = torch.full_like(clean, cfg.mask_token_id)
             index.append(k)
-            t.append(level)
+            levels.append(level)
             noisy.append(torch.where(corrupted, noise, clean))
         if scaled:
-            temperature.append(scaled[0] + (scaled[1] - scaled[0]) * float(torch.rand(1, generator=g)))
-    return Noise(torch.tensor(t, dtype=torch.float32), torch.tensor(index, dtype=torch.long), torch.stack(noisy),
-                 torch.tensor(coin, dtype=torch.bool),
-                 torch.tensor(temperature, dtype=torch.float32) if scaled else None)
+            temperatures.append(scaled[0] + (scaled[1] - scaled[0]) * float(torch.rand(1, generator=g)))
+    coin = torch.tensor(coin, dtype=torch.bool) if self_conditioning is None else self_conditioning.cpu().bool()
+    if scaled and temperature is None:
+        temperature = torch.tensor(temperatures, dtype=torch.float32)
+    return Noise(torch.tensor(levels, dtype=torch.float32), torch.tensor(index, dtype=torch.long), torch.stack(noisy),
+                 coin, temperature.cpu().float() if scaled else None)
 
 
 def loss_counts(batch: dict[str, torch.Tensor], noise: Noise, cfg: ObjectiveConfig, canvas_length: int) -> torch.Tensor:
@@ -201,10 +214,6 @@ def decode(model, canvas, cache, canvas_starts, self_conditioning_logits=None, s
     ).last_hidden_state
 
 
-def _rand(shape, generator, device):
-    return torch.rand(shape, generator=generator, device=device if generator is None else generator.device).to(device)
-
-
 def _layout(target_example: torch.Tensor, batch_size: int):
     """Slot of each target in its example's row of canvases: (slot (T,), K = most targets in one example)."""
     counts = torch.bincount(target_example, minlength=batch_size)
@@ -232,44 +241,36 @@ def diffusion_loss(
     all targets of an example share one encoder pass and go through one decoder call. ``t``, ``canvas_index``,
     ``self_conditioning`` (per example) and ``noisy`` (the corrupted canvases) fix what is otherwise sampled, for
     evaluation at fixed noise levels and for tests, as ``temperature`` (per example) fixes the self-conditioning
-    logits' divisor when objective.self_conditioning_temperature is set; ``generator`` makes the sampling
-    reproducible. ``lean=False`` runs the stock full-logits path (same loss and gradients, far more memory).
+    logits' divisor when objective.self_conditioning_temperature is set. Training fixes them all (`draw_noise`, per
+    global sample); what is not fixed is drawn here by the same `draw_noise` from ``generator`` (a CPU generator; None:
+    torch's global one). ``lean=False`` runs the stock full-logits path (same loss and gradients, far more memory).
     """
     ids = batch["input_ids"]
     device = ids.device
     bsz = ids.shape[0]
     vocab = model.config.text_config.vocab_size
     target_example = batch["target_example"].to(device)
-    num_canvases = batch["num_canvases"].to(device)
     n_targets = len(target_example)
 
     encoder_trains = any(p.requires_grad for p in model.model.encoder.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
         enc_hidden, cache = encode(model, ids)
 
-    if canvas_index is None:
-        canvas_index = (_rand(n_targets, generator, device) * num_canvases).long().clamp_max(num_canvases - 1)
+    if any(value is None for value in (t, canvas_index, noisy, self_conditioning)) or (
+            temperature is None and cfg.self_conditioning_temperature is not None):
+        drawn = draw_noise(batch, cfg, canvas_length, vocab, generator=generator, t=t, canvas_index=canvas_index,
+                           self_conditioning=self_conditioning, temperature=temperature)
+        t, canvas_index, self_conditioning, temperature = drawn.t, drawn.canvas_index, drawn.self_conditioning, \
+            drawn.temperature
+        noisy = drawn.noisy if noisy is None else noisy
     canvas_index = canvas_index.to(device)
     offsets = torch.arange(canvas_length, device=device)[None]
     targets = batch["target_tokens"].to(device).gather(1, canvas_index[:, None] * canvas_length + offsets)
     supervised = torch.ones_like(targets, dtype=torch.bool)  # a canvas is response or supervised EOS fill
     starts = batch["target_start"].to(device) + canvas_index * canvas_length
-
-    if t is None:
-        t = cfg.t_min + (1.0 - cfg.t_min) * _rand(n_targets, generator, device)
     t = t.to(device=device, dtype=torch.float32)
-    if noisy is None:
-        corrupted = (_rand((n_targets, canvas_length), generator, device) < t[:, None]) & supervised
-        if cfg.corruption == "uniform":
-            gen_device = device if generator is None else generator.device
-            noise = torch.randint(0, vocab, (n_targets, canvas_length), generator=generator, device=gen_device)
-            noise = noise.to(device)
-        else:
-            noise = torch.full_like(targets, cfg.mask_token_id)
-        noisy = torch.where(corrupted, noise, targets)
-    else:
-        noisy = noisy.to(device)
-        corrupted = noisy != targets
+    noisy = noisy.to(device)
+    corrupted = noisy != targets  # a noise token that hit the clean one corrupted nothing
 
     # Lay the targets out as K canvas slots per example (unused slots: a pad canvas that sees only itself).
     slot, k_slots = _layout(target_example, bsz)
@@ -279,14 +280,9 @@ def diffusion_loss(
     row_starts[target_example, slot] = starts
     row_canvas = row_canvas.flatten(1)
 
-    if self_conditioning is None:
-        self_conditioning = _rand(bsz, generator, device) < cfg.self_conditioning_p
     self_conditioning = self_conditioning.to(device)
     if cfg.self_conditioning_temperature is None:
         temperature = None
-    elif temperature is None:
-        lo, hi = cfg.self_conditioning_temperature
-        temperature = lo + (hi - lo) * _rand(bsz, generator, device)
     if temperature is not None:
         temperature = temperature.to(device=device, dtype=torch.float32)
     if not bool(self_conditioning.any()):
