@@ -90,6 +90,18 @@ def test_heldout_loss_is_the_training_loss_at_that_t(tokenizer, data):
     assert float(with_self_conditioning.diffusion_loss) != pytest.approx(losses[0.7], rel=1e-6)  # the check can fail
 
 
+def test_heldout_loss_is_a_mean_over_tokens_whatever_the_chunks(tokenizer, data):
+    """Like the trained loss, the held-out loss is summed CE over all counted tokens: chunks that count different
+    numbers of tokens (loss_on=corrupted) are not averaged as if each example weighed the same."""
+    _, _, examples = data
+    model = make_model(tokenizer)
+    kwargs = dict(objective=ObjectiveConfig(loss_on="corrupted"), canvas_length=CANVAS, pad_id=tokenizer.pad_token_id,
+                  t_values=(0.3, 0.7), seed=3)
+    whole = heldout_loss(model, examples, batch_size=len(examples), batches=1, **kwargs)
+    chunked = heldout_loss(model, examples, batch_size=4, batches=2, **kwargs)  # 4 and 2 of the 6 examples
+    assert chunked == pytest.approx(whole, rel=1e-5)
+
+
 def test_heldout_loss_of_multi_turn_examples_scores_every_target_at_t(tokenizer):
     """data.supervise=all: an example holds a target per assistant turn, and each gets the fixed t (a t per example
     once crashed the end-of-run evaluation of every multi-turn run)."""
