@@ -70,19 +70,22 @@ def base_model_path(model: ModelSettings, cache_dir: str, log=print) -> str:
 
 
 
-USAGE = """usage: python -m finetune.pretrain [key=value ...]
+USAGE = """usage: python -m finetune.pretrain [key=value ...] [--cfg job|hydra|all]
 
 Pre-train and cache the tiny base now (the first tiny run does it on its own; a launch of several processes needs it
-cached first). Reads cache_dir and model.tiny.* from the config; prints the cached path."""
+cached first). Reads cache_dir and model.tiny.* from the config; prints the cached path. --cfg prints the config
+and does nothing else."""
 
 
 def main(argv: list | None = None) -> int:
     from omegaconf import OmegaConf
 
-    from finetune.cli import command
+    from finetune.cli import command, show_config
     from finetune.config import compose, settings
 
     def body(overrides, mode):
+        if mode:
+            return show_config(overrides, mode)
         cfg = compose(overrides)
         OmegaConf.resolve(cfg)
         print(ensure_base(cfg.cache_dir, settings(cfg.model).tiny))

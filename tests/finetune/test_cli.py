@@ -236,3 +236,18 @@ def test_a_sweep_refuses_output_dir_and_a_used_sweep_dir(tmp_path):
 def test_cfg_job_prints_values_not_interpolations():
     result = run_cli("--cfg", "job")
     assert result.returncode == 0 and "${" not in result.stdout, result.stdout[:1000]
+
+
+def test_pretrain_cfg_job_prints_the_config_and_trains_nothing(capsys, monkeypatch, tmp_path):
+    """`python -m finetune.pretrain --cfg job` answers as `python -m finetune --cfg job` does (in process: the body
+    that would pre-train is the thing under test, and it must not run)."""
+    from finetune import pretrain
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--cfg job pre-trained the tiny base")
+
+    monkeypatch.setattr(pretrain, "ensure_base", refuse)
+    assert pretrain.main(["--cfg", "job", f"cache_dir={tmp_path}", "model.tiny.steps=7"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["tiny"]["steps"] == 7 and cfg["cache_dir"] == str(tmp_path)
+    assert not os.listdir(tmp_path)
