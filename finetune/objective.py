@@ -172,6 +172,17 @@ def _layers_sliding_window(text_config) -> int | None:
     return text_config.sliding_window if "sliding_attention" in text_config.layer_types else None
 
 
+def _as_attention_reads(model, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our boolean masks (True = attend) as the model's attention reads them: sdpa takes booleans; eager adds its
+    mask to the scores, so it gets 0 where a key is seen and the dtype's lowest value where not (a boolean mask
+    would add 1 and 0: every key seen, silently)."""
+    if model.config.get_text_config()._attn_implementation == "sdpa":
+        return masks
+    low = torch.finfo(model.dtype).min
+    return {kind: torch.zeros(m.shape, dtype=model.dtype, device=m.device).masked_fill(~m, low)
+            for kind, m in masks.items()}
+
+
 def encode(model, input_ids: torch.Tensor):
     """Causal encoder pass over clean sequences; returns (last hidden state, KV cache of every position).
 
@@ -184,7 +195,7 @@ def encode(model, input_ids: torch.Tensor):
     positions = torch.arange(length, device=input_ids.device)[None].expand(batch, length)
     out = model.model.encoder(
         input_ids=input_ids,
-        attention_mask=encoder_masks(length, sliding, input_ids.device),
+        attention_mask=_as_attention_reads(model, encoder_masks(length, sliding, input_ids.device)),
         cache=cache,
         position_ids=positions,
     )
@@ -201,7 +212,8 @@ def decode(model, canvas, cache, canvas_starts, self_conditioning_logits=None, s
     text_config = model.config.text_config
     canvas_length = canvas.shape[1] // canvas_starts.shape[1]
     cache_len = cache.get_seq_length()
-    masks = decoder_masks(canvas_starts, cache_len, canvas_length, _layers_sliding_window(text_config))
+    masks = _as_attention_reads(model, decoder_masks(canvas_starts, cache_len, canvas_length,
+                                                     _layers_sliding_window(text_config)))
     offsets = torch.arange(canvas_length, device=canvas.device)
     positions = (canvas_starts[:, :, None] + offsets).flatten(1)
     return model.model.decoder(

@@ -196,19 +196,19 @@ def shapes_of(cfg: DictConfig, canvas: int) -> Shapes:
 _MODELS: dict = {}
 
 
-def _meta_model(config, dtype, lora):
+def _meta_model(config, dtype, lora, attn: str = "sdpa"):
     """The run's model with its LoRA, on meta (kept: a plan's variants differ in shapes, not in the model)."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from finetune.model import attach_lora
 
-    key = (config.to_json_string(), dtype, repr(lora))
+    key = (config.to_json_string(), dtype, repr(lora), attn)
     if key in _MODELS:
         return _MODELS[key]
     _MODELS.clear()
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
-        model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype, attn_implementation="sdpa",
+        model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype, attn_implementation=attn,
                                                              experts_implementation="grouped_mm")
         _MODELS[key] = attach_lora(model, lora).train()
     return _MODELS[key]
@@ -326,7 +326,7 @@ def plan(cfg: DictConfig) -> Plan:
     config = model_config(settings(cfg.model))
     dtype = dtype_for(cfg.model.dtype, device)
     lora = settings(cfg.lora)
-    model = _meta_model(config, dtype, lora)
+    model = _meta_model(config, dtype, lora, cfg.model.attn_implementation)  # eager keeps every score matrix
     shapes = shapes_of(cfg, config.canvas_length)
     objective = cfg.objective
     result = Plan(hardware.profile, device, context=CUDA_CONTEXT if device == "cuda" else 0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import make_model
 from finetune.canvas import collate, fill_response
 from finetune.model import LoraSettings, attach_lora, router_parameters
 from finetune.objective import ObjectiveConfig, decode, diffusion_loss, encode, project
@@ -66,6 +67,20 @@ def test_the_loss_drawing_its_own_noise_scores_what_training_scores_on_that_nois
                                  noisy=drawn.noisy, self_conditioning=torch.zeros(64, dtype=torch.bool))
     assert drawn.counted_tokens == trained.counted_tokens == int((drawn.noisy != drawn.targets).sum())
     torch.testing.assert_close(drawn.loss, trained.loss)
+
+
+def test_eager_attention_reads_the_training_masks_as_sdpa_does(tokenizer):
+    """model.attn_implementation=eager adds its mask to the scores: the boolean masks must reach it as 0 / -inf-like
+    floats, or every key would be seen (the loss moved by ~0.5 on this model)."""
+    batch = batch_of(tokenizer, 4)
+    cfg = ObjectiveConfig(self_conditioning_p=0.5)
+    losses = {}
+    for attn in ("sdpa", "eager"):
+        model = make_model(tokenizer)
+        model.set_attn_implementation(attn)
+        with torch.no_grad():
+            losses[attn] = diffusion_loss(model, batch, cfg, C, generator=torch.Generator().manual_seed(0)).loss
+    torch.testing.assert_close(losses["eager"], losses["sdpa"], atol=1e-5, rtol=1e-5)
 
 
 def test_canvas_choice_is_uniform_over_each_examples_canvases(tiny_model, tokenizer):
