@@ -41,6 +41,9 @@ QUIET = {"resume": "quiet"}  # allowed, not listed: where the run writes, what i
 RESUME_RULES = ("fixed", "held_out", "launch", "listed", "quiet")
 
 
+TINY_SIZES = ("tiny", "small")  # finetune.tiny.build_config's dimensions
+
+
 @dataclass
 class TinyBaseSettings:
     """The built-in tiny base; changing any key builds (and caches) another base."""
@@ -55,8 +58,16 @@ class TinyBaseSettings:
     rows: int = 12000
     seed: int = 0
 
+    def __post_init__(self):
+        if self.size not in TINY_SIZES:
+            raise UserError(f"model.tiny.size={self.size!r}: use one of {', '.join(TINY_SIZES)}")
+
 
 EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
+# transformers also takes flex_attention and hub kernels for DiffusionGemma (no flash_attention_*: the model declares
+# no support), but the objective hands the layers 4-D tensor masks, which only these two read (flex_attention needs a
+# BlockMask: given a tensor it crashed the process here)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 QUANTIZATIONS = ("none", "experts4bit", "all4bit")
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -70,7 +81,9 @@ class ModelSettings:
     # the dense text linears too (3.3 -> ~0.9 GB); the LoRA adapter is the same as on the bf16 base
     quantization: str = "none"
     quant_type: str = "nf4"  # 4-bit format: nf4 | fp4 (finetune/quantize.py says why nf4)
-    attn_implementation: str = "sdpa"  # the training masks are boolean 4-D masks, which sdpa takes as they are
+    # sdpa: the fused kernels, our boolean 4-D masks as they are | eager: the reference, keeps every layer's score
+    # matrix (the memory plan counts it)
+    attn_implementation: str = "sdpa"
     # how the 128 frozen experts run: auto (eager on CPU, grouped_mm on CUDA: bench/experts.py) | eager |
     # grouped_mm | batched_mm (copies each token's expert weights: inference only)
     experts_implementation: str = "auto"
@@ -84,6 +97,10 @@ class ModelSettings:
         for key, allowed in (("quantization", QUANTIZATIONS), ("quant_type", QUANT_TYPES)):
             if getattr(self, key) not in allowed:
                 raise UserError(f"model.{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise UserError(f"model.attn_implementation={self.attn_implementation!r}: use sdpa or eager (training "
+                            "gives the layers 4-D mask tensors, which flex_attention and kernels cannot take, and "
+                            "transformers has no flash attention for DiffusionGemma)")
         if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
             raise UserError(f"model.experts_implementation={self.experts_implementation!r}: use one of "
                             f"{', '.join(EXPERTS_IMPLEMENTATIONS)}")
@@ -266,11 +283,19 @@ class HardwareSettings:
     """One machine a run is planned for (the `hardware` group: one profile per file, finetune/conf/hardware)."""
 
     profile: str = "cpu"  # the profile's name, for the plan's report
-    device: str = "cpu"  # cpu | cuda | auto
+    device: str = "cpu"  # cpu | cuda (the first visible GPU: choose one with CUDA_VISIBLE_DEVICES) | auto
     bf16: bool = False  # mixed precision in the Trainer
     # memory a run may use, in GB (1e9 bytes); null: this machine's available memory (CPU) or the card's (CUDA)
     memory_gb: Optional[float] = None
     unified: bool = False  # CPU and GPU share one memory (DGX Spark): loading and the page cache count against it
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise UserError(f"hardware.device={self.device!r}: use one of {', '.join(DEVICES)} (cuda is the first "
+                            "visible GPU: choose another with CUDA_VISIBLE_DEVICES=N)")
+
+
+DEVICES = ("auto", "cpu", "cuda")  # what finetune.model.resolve_device, the loader and the Trainer's placement know
 
 
 @dataclass

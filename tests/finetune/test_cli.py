@@ -251,3 +251,20 @@ def test_pretrain_cfg_job_prints_the_config_and_trains_nothing(capsys, monkeypat
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["tiny"]["steps"] == 7 and cfg["cache_dir"] == str(tmp_path)
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("model.tiny.size=big", "model.tiny.size='big': use one of tiny, small"),
+        ("hardware.device=cuda:1", "hardware.device='cuda:1': use one of auto, cpu, cuda"),
+        ("model.attn_implementation=flash_attention_2", "model.attn_implementation='flash_attention_2': use sdpa or"),
+    ],
+)
+def test_a_choice_out_of_its_list_is_one_line_naming_the_key_and_the_choices(override, expected, capsys, tmp_path):
+    """Checked when the config is, in process (finetune.__main__.check: what `python -m finetune` runs first)."""
+    from finetune.__main__ import check
+
+    assert check([override, f"output_dir={tmp_path / 'run'}"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
