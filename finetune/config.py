@@ -286,8 +286,8 @@ class HardwareSettings:
     device: str = "cpu"  # cpu | cuda (the first visible GPU: choose one with CUDA_VISIBLE_DEVICES) | auto
     bf16: bool = False  # mixed precision in the Trainer
     # memory a run may use, in GB (1e9 bytes); null: this machine's available memory (CPU) or the card's (CUDA)
+    # (a machine whose CPU and GPU share one memory, the DGX Spark, sets the part of it a run may use)
     memory_gb: Optional[float] = None
-    unified: bool = False  # CPU and GPU share one memory (DGX Spark): loading and the page cache count against it
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -531,6 +531,8 @@ RENAMED = {
     "train.save_total_limit": "checkpoint.keep (complete checkpoints kept)",
     "train.resume_from_checkpoint": "resume=PATH (or resume=auto with output_dir=<run>, the default)",
     "model.load_in_4bit": "model.quantization (experts4bit: the experts in 4 bits; all4bit: the dense linears too)",
+    "hardware.unified": "hardware.memory_gb alone (a machine whose CPU and GPU share one memory plans for the part a "
+                        "run may use of it: finetune/conf/hardware/dgx_spark.yaml)",
 }
 
 

@@ -12,7 +12,7 @@ from conftest import CONF, ROOT, group_file, leaf_keys
 
 # profile: (nominal memory in GB, what it must choose beyond the machine itself)
 PROFILES = {
-    "dgx_spark": (128, {"hardware.unified": True}),
+    "dgx_spark": (128, {}),
     "rtx_pro_6000": (96, {"data.max_prompt_tokens": 1024, "data.max_response_canvases": 2,
                           "train.gradient_checkpointing": True}),
     "h100": (80, {"data.max_prompt_tokens": 1024, "data.max_response_canvases": 2,
@@ -81,7 +81,7 @@ def test_chat_rtx_keeps_its_choices_now_that_the_profile_makes_them():
     assert (d.max_prompt_tokens, d.max_response_canvases, t.gradient_checkpointing) == (1024, 2, True)
     spark = composed("recipe=chat_spark")
     assert (spark.data.max_prompt_tokens, spark.data.max_response_canvases) == (2048, 4)
-    assert not spark.train.gradient_checkpointing and spark.hardware.unified
+    assert not spark.train.gradient_checkpointing
 
 
 def test_no_recipe_sets_a_key_a_profile_sets():
@@ -114,3 +114,13 @@ def test_the_small_cards_quantise_the_experts_and_their_comments_quote_their_pla
         planned = plan(composed("recipe=chat_rtx", f"hardware={name}"))
         assert "model.quantization" in text and planned.fits, name
         assert abs((planned.peak + planned.context) / 1e9 - quoted) < 0.5, (name, quoted, planned.peak)
+
+
+def test_the_removed_unified_key_names_what_does_its_job():
+    """hardware.unified was read by nothing: on a machine whose CPU and GPU share one memory, the profile's
+    hardware.memory_gb is the part of it a run may use."""
+    from finetune.config import compose
+    from finetune.errors import UserError
+
+    with pytest.raises(UserError, match="hardware.unified is now hardware.memory_gb alone"):
+        compose(["hardware=dgx_spark", "hardware.unified=true"])
