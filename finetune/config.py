@@ -244,7 +244,8 @@ class TrainSettings:
     # true: encoder and decoder layers are recomputed in backward instead of keeping their activations
     gradient_checkpointing: bool = False
     # true: torch.compile each text layer (regional); measured no gain on CPU (bench/RESULTS.md). With
-    # gradient_checkpointing the encoder layers stay uncompiled (their cache write breaks the graph)
+    # gradient_checkpointing the encoder layers are wrapped too, but dynamo cannot trace their checkpointed cache
+    # write (a graph break: measured, torch 2.13), so they run eager and only the decoder layers are compiled
     compile: bool = False
     # linked to the run's seed in conf/config.yaml; also the sampler's data seed: another one replays another order
     seed: int = field(default=0, metadata=FIXED)

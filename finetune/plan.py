@@ -16,7 +16,9 @@ The plan is a model of what the code does, and most of it is the code itself, ru
   bias), not as meta's fallback keeps it (the full probability matrix). With train.gradient_checkpointing each
   layer keeps only its input, plus one layer's activations while it is recomputed; the KV cache stays either way;
 - the head (`finetune.head`): one chunk of logits at a time (a 256-row band of the vocabulary on a GPU);
-- backward's working set (one layer's activation gradients) and, for the verdict only, the CUDA context.
+- backward's working set: with train.gradient_checkpointing one layer recomputed and differentiated; without, none
+  (backward frees each layer's saved tensors as it makes that layer's gradients, so the peak is what forward kept:
+  BACKWARD_FACTOR, measured); and, for the verdict only, the CUDA context.
 `tests/finetune/test_plan.py` checks the prediction against measured peak RSS growth on CPU.
 """
 
@@ -383,7 +385,8 @@ def plan(cfg: DictConfig) -> Plan:
     # CPU (tests/finetune/test_plan.py; six mid-size configs came within 6%).
     working = largest_layer * (RECOMPUTE_FACTOR if checkpointing else BACKWARD_FACTOR)
     result.parts.append(("backward working set", int(working),
-                         "one layer recomputed and differentiated" if checkpointing else "gradients of the last layer"))
+                         "one layer recomputed and differentiated" if checkpointing else
+                         "none above forward's: each layer's saved tensors are freed as its gradients are made"))
 
     memory = _memory(hardware, device)
     result.memory = memory

@@ -85,7 +85,8 @@ class Experts4bitWeight(nn.Module):
                                                               dtype or self.dtype).view(a, b)
 
     def dequantize_all(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """All experts, (E, a, b): for tests and export; training never builds this."""
+        """All experts, (E, a, b): for the tests' comparisons; training never builds this, and the export does not
+        either (it merges into the base reloaded in bf16, finetune.export)."""
         out = torch.empty(self.num_experts, *self.shape, dtype=dtype or self.dtype, device=self.packed.device)
         for e in range(self.num_experts):
             out[e] = self.dequantize(e, out.dtype)
