@@ -1,8 +1,8 @@
 """Pre-training the built-in tiny base: a small pipeline of its own (tiny model -> data -> objective -> train).
 
 A random tiny model cannot be LoRA-tuned into anything (the frozen tied head caps its logits), so the base is first
-fully trained on generic string tasks (copy, upper, double, rotate, swap, skip, mirror); the fine-tuning tasks (shift, and
-reverse, sort, followup for bench/objective_ablation.py) are new to it.
+fully trained on generic string tasks (copy, upper, double, rotate, swap, skip, mirror); the fine-tuning tasks
+(shift, and reverse, sort, followup for bench/objective_ablation.py) are new to it.
 """
 
 from __future__ import annotations

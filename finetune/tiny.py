@@ -152,10 +152,12 @@ TASKS = {
     "rotate": _word_task("rotate", lambda w: w[1:] + w[:1]),
     "swap": _word_task("swap", _swap),
     "skip": _word_task("skip", lambda w: w[::2]),
-    # the word, then the same letters from its end back: reading the prompt backwards is a skill of the base, so a
-    # LoRA adapter can learn a new whole-word task built on it (reverse) in 200 steps on any seed; without it,
-    # learning reverse was a coin flip of the machine's rounding (bench/ABLATION.md, issue 20)
-    "mirror": _word_task("mirror", lambda w: w + w[::-1]),
+    # the word's letters from its end back, then the word: reading the prompt backwards, from the first position of
+    # the answer, is a skill of the base, so an adapter learns a new whole-word task built on it (reverse: that half
+    # alone) in 200 steps on every seed; without it, learning reverse was a coin flip of the machine's rounding, and
+    # with the halves the other way round (the backward half across the canvas boundary) it still was on one base
+    # seed of two (bench/ABLATION.md, issue 20)
+    "mirror": _word_task("mirror", lambda w: w[::-1] + w),
     # the fine-tuning task: never seen by the base; each letter moves one step along the alphabet
     "shift": _word_task("shift", _shift),
     # new to the base too, of other kinds (bench/objective_ablation.py): the answer depends on the whole prompt

@@ -216,17 +216,26 @@ def test_a_tiny_run_on_4_bit_experts_trains_evaluates_and_exports_from_the_origi
 @pytest.mark.slow
 def test_the_tiny_recipe_learns_a_users_reversal_file_as_the_readme_says(default_run, tmp_path):
     """The README's own-task command: 200 default steps on a JSONL of five-letter reversals (a whole-word task the
-    tiny base never saw) and the adapter reverses at least 80% of the held-out words exactly (issue 14's target;
-    before the six-task base and the ablation's defaults it scored 0%)."""
+    tiny base never saw; it mirrors words, the reversed half first) and the adapter reverses at least 80% of its 64
+    held-out words exactly.
+
+    One run can stand for any machine because the vehicle was measured robust, not tuned to one CPU's rounding:
+    bench/demo_seeds.py ran this command on 5 training seeds x 2 base pre-training seeds on an AMD EPYC (where the
+    six-task base scored 0%), and every run cleared 80% (bench/ABLATION.md). The held-out denoising loss is checked
+    too, with a margin: it is a mean over hundreds of tokens, so it separates a learnt task from an unlearnt one
+    without the 1/64 steps of exact match (learnt: ~0.02, unlearnt on the old base: ~0.35, the base: ~2.5)."""
     import shlex
 
     line = next(line for line in open(os.path.join(ROOT, "README.md")) if "data.train=tests/data/reverse.jsonl" in line)
     command = shlex.split(line)
     assert command[:3] == ["python", "-m", "finetune"], line
     result = subprocess.run([sys.executable, *command[1:], f"output_dir={tmp_path / 'run'}"], cwd=ROOT,
-                            env=default_run[1], capture_output=True, text=True, timeout=600)
+                            env=default_run[1], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.eval: held out of data.train: 64 of its 1500 rows" in result.stdout  # the file's own rows
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     base, adapter = metrics["eval"]["base"], metrics["eval"]["adapter"]
     assert adapter["exact_match"] >= 0.8 and base["exact_match"] < 0.2, (base["exact_match"], adapter["exact_match"])
+    assert adapter["heldout_loss_mean"] < 0.15 < base["heldout_loss_mean"], (base["heldout_loss_mean"],
+                                                                             adapter["heldout_loss_mean"])
     assert metrics["training"]["steps"] == 200
