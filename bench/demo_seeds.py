@@ -3,12 +3,12 @@
     python bench/demo_seeds.py                              # 5 training seeds x 2 base seeds (about 40 min, 2 cores)
     python bench/demo_seeds.py --seeds 0 1 --base-seeds 0   # a smaller grid
 
-Each run is the README's command, `python -m finetune data.train=tests/data/reverse.jsonl`, with `seed=S` (the
-LoRA initialisation, the data order, the noise) and `model.tiny.seed=B` (the pre-training of the tiny base: another
-base, cached beside the first), plus settings that change nothing of what is trained or scored (no benchmark, no
-export, no TensorBoard). One thread per run (--workers runs side by side: on 2 cores two 1-thread runs finish
-sooner than two 2-thread runs in turn, whose OpenMP threads spin against each other). The table goes to
-bench/ABLATION.md between its markers, with the command, the machine and the versions.
+Each run is the README's command, `python -m finetune data.train=tests/data/reverse.jsonl train.max_steps=300`,
+with `seed=S` (the LoRA initialisation, the data order, the noise) and `model.tiny.seed=B` (the pre-training of the
+tiny base: another base, cached beside the first), plus settings that change nothing of what is trained or scored
+(no benchmark, no export, no TensorBoard). One thread per run (--workers runs side by side: on 2 cores two
+1-thread runs finish sooner than two 2-thread runs in turn, whose OpenMP threads spin against each other). The
+table goes to bench/ABLATION.md between its markers, with the command, the machine and the versions.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README_LINE = "python -m finetune data.train=tests/data/reverse.jsonl"
+README_LINE = "python -m finetune data.train=tests/data/reverse.jsonl train.max_steps=300"
 QUIET = ["eval.benchmark=null", "export.format=none", "train.report_to=none"]
 BEGIN, END = "<!-- demo seeds: written by bench/demo_seeds.py -->", "<!-- end of demo seeds -->"
 
@@ -63,8 +63,8 @@ def one_run(out: str, seed: int, base_seed: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| base seed | seed | adapter exact match | base exact match | adapter held-out loss | base held-out loss |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| base seed | seed | adapter exact match | base exact match | adapter held-out loss "
+             "| base held-out loss |", "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["base_seed"], r["seed"])):
         lines.append(f"| {r['base_seed']} | {r['seed']} | {r['adapter_exact_match']:.1%} | {r['base_exact_match']:.1%} "
                      f"| {r['adapter_heldout_loss']:.4f} | {r['base_heldout_loss']:.4f} |")

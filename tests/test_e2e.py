@@ -215,15 +215,16 @@ def test_a_tiny_run_on_4_bit_experts_trains_evaluates_and_exports_from_the_origi
 
 @pytest.mark.slow
 def test_the_tiny_recipe_learns_a_users_reversal_file_as_the_readme_says(default_run, tmp_path):
-    """The README's own-task command: 200 default steps on a JSONL of five-letter reversals (a whole-word task the
+    """The README's own-task command: 300 steps on a JSONL of five-letter reversals (a whole-word task the
     tiny base never saw; it mirrors words, the reversed half first) and the adapter reverses at least 80% of its 64
     held-out words exactly.
 
-    One run can stand for any machine because the vehicle was measured robust, not tuned to one CPU's rounding:
-    bench/demo_seeds.py ran this command on 5 training seeds x 2 base pre-training seeds on an AMD EPYC (where the
-    six-task base scored 0%), and every run cleared 80% (bench/ABLATION.md). The held-out denoising loss is checked
-    too, with a margin: it is a mean over hundreds of tokens, so it separates a learnt task from an unlearnt one
-    without the 1/64 steps of exact match (learnt: ~0.02, unlearnt on the old base: ~0.35, the base: ~2.5)."""
+    One run stands for other machines because the vehicle was measured across roundings, not tuned to one:
+    bench/demo_seeds.py ran this command on 5 training seeds x 2 base pre-training seeds on an AMD EPYC on one thread
+    (where the six-task base scored 0%), and it reached 98% on a base pre-trained and trained with 2 threads, where
+    200 steps gave 45% (bench/ABLATION.md). The held-out denoising loss is checked too, with a margin: a mean over
+    hundreds of tokens, it separates a learnt task from an unlearnt one without exact match's 1/64 steps (learnt:
+    ~0.03, 45% at 0.15, the base above 3)."""
     import shlex
 
     line = next(line for line in open(os.path.join(ROOT, "README.md")) if "data.train=tests/data/reverse.jsonl" in line)
@@ -236,6 +237,6 @@ def test_the_tiny_recipe_learns_a_users_reversal_file_as_the_readme_says(default
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     base, adapter = metrics["eval"]["base"], metrics["eval"]["adapter"]
     assert adapter["exact_match"] >= 0.8 and base["exact_match"] < 0.2, (base["exact_match"], adapter["exact_match"])
-    assert adapter["heldout_loss_mean"] < 0.15 < base["heldout_loss_mean"], (base["heldout_loss_mean"],
+    assert adapter["heldout_loss_mean"] < 0.1 < base["heldout_loss_mean"], (base["heldout_loss_mean"],
                                                                              adapter["heldout_loss_mean"])
-    assert metrics["training"]["steps"] == 200
+    assert metrics["training"]["steps"] == 300
