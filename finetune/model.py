@@ -237,7 +237,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, quantization: str = "
             at = f" at revision {revision}" if revision is not None else ""
             raise UserError(f"{path}{at} has no safetensors weights (model.safetensors), and this toolkit does not "
                             "load pickled .bin weights (unpickling can run code): pick a revision that has them, or "
-                            f"download it (huggingface-cli download {path} --local-dir DIR) and give "
+                            f"download it (hf download {path} --local-dir DIR) and give "
                             "model.name_or_path=DIR to be shown the one-line conversion") from None
         raise UserError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from None
     if quantization == "all4bit":  # the dense linears are 3.3 of the 26B's 52 GB: quantised once loaded

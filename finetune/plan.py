@@ -72,7 +72,7 @@ def model_config(model: ModelSettings):
     except OSError:
         at = f" --revision {model.revision}" if model.revision else ""
         raise UserError(f"model.name_or_path={name}: its config is not on this machine; download it once "
-                        f"(huggingface-cli download {name} config.json{at}) or give a local directory") from None
+                        f"(hf download {name} config.json{at}) or give a local directory") from None
 
 
 # --- activations on the meta device -------------------------------------------------------------------------------

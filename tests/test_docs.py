@@ -33,7 +33,7 @@ ENTRY_POINTS = ("finetune", "finetune.plan", "finetune.preflight", "finetune.exp
 OTHER_MODULES = ("pytest", "venv", "pip", "eval.harness")  # python -m X that is not ours to compose
 # the programs the docs may name; a new one is added here on purpose, a typo fails
 PROGRAMS = ("python", "python3", "pip", "git", "cd", ".", "source", "sudo", "sh", "bash", "eval", "export",
-            "tensorboard", "vllm", "huggingface-cli", "hf", "nvidia-smi", "free", "watch", "ssh", "echo", "cat",
+            "tensorboard", "vllm", "hf", "nvidia-smi", "free", "watch", "ssh", "echo", "cat",
             "sync", "finetune", "accelerate", "torchrun", "ibdev2netdev", "ip", "chmod", "netplan", "ping",
             "ib_write_bw", "iperf3", "sha256sum", "ssh-keygen", "ssh-copy-id", "ufw", "mkdir", "chown", "rsync")
 LAUNCHERS = ("accelerate", "torchrun")  # `accelerate launch [flags] -m MODULE args`, `torchrun [flags] -m MODULE args`
