@@ -2,12 +2,16 @@
 
     python bench/make_26b_config.py            # rewrites config.json and generation_config.json there
     python bench/make_26b_config.py --out DIR  # somewhere else
+    python bench/make_26b_config.py --checkpoint DIR --layers 2   # + random weights, sharded, and a tokenizer
 
 The text values are the published 26B-A4B text config (public copies of google/diffusiongemma-26B-A4B-it's
 config.json; summarised in /work/shared/DIFFUSIONGEMMA.md). The vision tower is transformers' default Gemma 4 vision
 config and the generation config is transformers' own defaults for DiffusionGemmaGenerationConfig: neither is read
 from the hub. `slice_config` cuts the first N layers out of it, for real-shaped benchmarks and tests that cannot
-hold all 30 layers.
+hold all 30 layers. `write_checkpoint` saves such a slice with random weights as the hub lays the model out
+(sharded safetensors with an index, config, generation config) beside `write_tokenizer`'s stand-in tokenizer of the
+real vocabulary size: a local directory a user's `hf download --local-dir` would give, for rehearsals at real width
+(bench/rehearsal.py) and the real-width test (tests/test_real_width.py).
 """
 
 from __future__ import annotations
@@ -90,6 +94,66 @@ def slice_config(config: DiffusionGemmaConfig, layers: int, **text_values) -> Di
     top.pop("model_type", None)
     top.pop("transformers_version", None)
     return DiffusionGemmaConfig(**{**top, "text_config": values})
+
+
+def write_checkpoint(out: str, layers: int = 2, experts: int | None = None, vision: bool = True,
+                     dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "2GB", seed: int = 0,
+                     std: float = 0.02) -> DiffusionGemmaConfig:
+    """The shipped config's first ``layers`` layers (the last full-attention: head_dim 512, K=V, partial rotary) at
+    real width with random ``dtype`` weights (normal, ``std``; norms and scales 1, as transformers initialises
+    them), saved with save_pretrained as sharded safetensors + index, with the tokenizer (`write_tokenizer`) and
+    the generation config. ``experts`` < 128 keeps fewer experts of the real shape (at least top_k: 8);
+    ``vision=False`` drops the vision tower (otherwise the real one: transformers' default Gemma 4 tower). Weights
+    are written straight into their storage: 2 layers (4.9 GB in bf16) take ~30 s and ~6 GB of memory."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    config = slice_config(DiffusionGemmaConfig.from_pretrained(OUT), layers,
+                          **({"num_experts": experts} if experts else {}))
+    if not vision:
+        config.vision_config = None
+    config.dtype = dtype
+    # Drawing 2.5B normal values takes minutes on one core; a pool of 2^24 + 3 draws (not a multiple of any row
+    # width), cycled from a random start per tensor, gives every row and tensor different values in seconds.
+    generator = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(2**24 + 3, generator=generator) * std).to(dtype)
+    with torch.device("meta"):
+        model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype)
+    model = model.to_empty(device="cpu")  # no init pass: every saved tensor is written below
+    model.tie_weights()  # to_empty gave each module its own copy: tie encoder/decoder and the head again
+    state = model.state_dict()  # parameters and persistent buffers (non-persistent ones are rebuilt at load)
+    unique = {t.untyped_storage().data_ptr(): t for t in state.values()}  # a tied tensor once
+    with torch.no_grad():
+        for tensor in unique.values():
+            if tensor.dim() < 2:  # RMSNorm weights, router scales, layer scalars: 1, as transformers initialises them
+                tensor.fill_(1.0)
+                continue
+            flat, at = tensor.view(-1), int(torch.randint(len(pool), (1,), generator=generator))
+            done = 0
+            while done < flat.numel():
+                n = min(len(pool) - at, flat.numel() - done)
+                flat[done:done + n].copy_(pool[at:at + n])
+                done, at = done + n, 0
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    generation_config().save_pretrained(out)
+    write_tokenizer(out, config.text_config.vocab_size)
+    return config
+
+
+def write_tokenizer(out: str, vocab_size: int = 262_144):
+    """A stand-in for Gemma 4's tokenizer with its vocabulary size: the tiny base's character tokenizer (Gemma's
+    special ids pad 0, eos 1, bos 2, the chat template's markup tokens, the released chat template) padded with
+    ``<unused_N>`` tokens to ``vocab_size`` ids, so embeddings, the head and every id the model sees are real-sized."""
+    from tokenizers import AddedToken
+
+    from finetune.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    filler = [AddedToken(f"<unused_{i}>", special=True, normalized=False) for i in range(vocab_size - len(tok))]
+    tok.add_tokens(filler, special_tokens=True)
+    assert len(tok) == vocab_size, (len(tok), vocab_size)
+    tok.save_pretrained(out)
+    return tok
 
 
 def generation_config():
