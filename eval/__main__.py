@@ -44,8 +44,8 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     from finetune.cli import show_config, take
     from finetune.config import check, compose, recipe_choice, settings
     from finetune.data import eval_prompts, load_splits
-    from finetune.model import (adapter_base, adapter_revision, base_commit, base_of, load, resolve_device,
-                                resolve_model_path, weights_note)
+    from finetune.model import (adapter_base, adapter_revision, base_commit, base_identity, base_of, load,
+                                resolve_device, resolve_model_path, weights_note)
     from finetune.objective import objective_settings
     from finetune.pretrain import base_model_path
 
@@ -81,6 +81,7 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     print(f"model: {path}" + (f" + adapter {adapter} ({placement} LoRA)" if adapter else " (no adapter: base only)")
           + f" | held-out {min(len(rows), eval_cfg['max_examples'])} of {stats.read} rows | report in {out_dir}")
     meta = {"recipe": recipe_choice(overrides), "base_model": path, "base_commit": base_commit(model),
+            "base_identity": base_identity(model),
             "base_weights": weights_note(cfg.model.quantization, cfg.model.quant_type, base_of(model).dtype),
             "adapter_path": adapter, "adapter_placement": placement}
     report = compare(model, tokenizer, pairs, examples, objective, canvas_length, eval_cfg,

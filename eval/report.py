@@ -186,7 +186,7 @@ def markdown(report: dict) -> str:
     gen = report["generation_settings"]
     out = ["# Evaluation: " + (" vs ".join(sides)), ""]
     for key, label in (("recipe", "recipe"), ("base_model", "base model"), ("base_commit", "base commit"),
-                       ("base_weights", "base weights"), ("adapter_path", "adapter")):
+                       ("base_identity", "base files (sha256 of config and index)"), ("base_weights", "base weights"), ("adapter_path", "adapter")):
         if report.get(key):
             out.append(f"- {label}: `{report[key]}`")
     out.append(f"- held-out examples: {report['examples']}; sampler: max_denoising_steps {gen['max_denoising_steps']}, "

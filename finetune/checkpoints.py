@@ -182,6 +182,10 @@ class Decision:
     def base_commit(self) -> str | None:
         return manifest(self.checkpoint).get("base_commit") if self.checkpoint else None
 
+    @property
+    def base_identity(self) -> str | None:
+        return manifest(self.checkpoint).get("base_identity") if self.checkpoint else None
+
 
 def resume_value(value) -> str:
     """``resume`` as one of auto | false | a path."""

@@ -41,6 +41,23 @@ QUIET = {"resume": "quiet"}  # allowed, not listed: where the run writes, what i
 RESUME_RULES = ("fixed", "held_out", "launch", "listed", "quiet")
 
 
+def is_local_model(name: str) -> bool:
+    """model.name_or_path names something on this machine (tiny, an existing path, or what looks like one) rather
+    than a hub id (``org/name``)."""
+    expanded = os.path.expanduser(str(name))
+    return name == "tiny" or os.path.exists(expanded) or expanded.startswith(("/", ".")) or name.count("/") != 1 or \
+        os.sep == "\\" and "\\" in name
+
+
+def _hub_revision(revision, *, _parent_):
+    """``${hub_revision:main}``, a model group's default revision: itself for a hub id, null for a local directory
+    (which has no revisions: a run records its identity instead, finetune.model.local_identity). A revision the user
+    sets (model.revision=... or in their own recipe) replaces this, and a local directory refuses it."""
+    return None if is_local_model(_parent_.name_or_path) else revision
+
+
+OmegaConf.register_new_resolver("hub_revision", _hub_revision, replace=True)
+
 TINY_SIZES = ("tiny", "small")  # finetune.tiny.build_config's dimensions
 
 
@@ -87,7 +104,8 @@ class ModelSettings:
     # how the 128 frozen experts run: auto (eager on CPU, grouped_mm on CUDA: bench/experts.py) | eager |
     # grouped_mm | batched_mm (copies each token's expert weights: inference only)
     experts_implementation: str = "auto"
-    # hub ids only: the branch, tag or commit hash to load (null: the default branch)
+    # hub ids only: the branch, tag or commit hash to load (null: the default branch); a local directory is recorded
+    # by a hash of its config and index instead (finetune.model.local_identity) and refuses a revision set for it
     revision: Optional[str] = field(default=None, metadata=QUIET)
     trust_remote_code: bool = False  # run code shipped with a checkpoint (auto_map); DiffusionGemma (native) needs none
     # used only when name_or_path is tiny

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-from finetune.config import QUANTIZATIONS, LoraSettings
+from finetune.config import QUANTIZATIONS, LoraSettings, is_local_model
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,6 @@ def dtype_for(name: str, device: str) -> torch.dtype:
         raise UserError(f"model.dtype={name!r}: use auto, float32, bfloat16 or float16") from None
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep == "\\" and "\\" in name
-
-
 def resolve_model_path(name: str, revision: str | None = None) -> str:
     """A hub id (``org/name``) passes through; anything that looks like a path must exist (and takes no revision)."""
     expanded = os.path.expanduser(name)
@@ -65,7 +61,7 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
             raise UserError(f"model.name_or_path={name!r} exists but holds no config.json: point it at a saved model")
         _refuse_local_revision(expanded, revision)
         return expanded
-    if _looks_local(name):
+    if is_local_model(name):
         raise UserError(
             f"model.name_or_path={name!r} does not exist: give a local directory saved with save_pretrained, "
             "a hub id such as google/diffusiongemma-26B-A4B-it, or 'tiny' for the built-in model"
@@ -76,7 +72,30 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
 def _refuse_local_revision(path: str, revision: str | None) -> None:
     if revision is not None and os.path.isdir(path):
         raise UserError(f"model.revision={revision!r} is set but {path} is a local directory: a revision pins a hub id "
-                        "(transformers would silently ignore it here); set model.revision=null")
+                        "(transformers would silently ignore it here) and a run records the directory by a hash of "
+                        "its config and index instead; drop model.revision (or set it to null)")
+
+
+def local_identity(path: str) -> str:
+    """What a hub commit is to a hub id, for a local base directory: ``sha256:`` + 16 hex digits over its
+    config.json and safetensors index (a single-file checkpoint: that file's header, i.e. every tensor's name, dtype,
+    shape and offset), so a run, its checkpoints and its adapter name the files they were trained on, and a resume
+    can tell that the directory changed since. Hashing the weights themselves would read 52 GB."""
+    import hashlib
+    import struct
+
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file, "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")) and os.path.isfile(single):
+        with open(single, "rb") as f:
+            header = f.read(8)
+            digest.update(header + f.read(struct.unpack("<Q", header)[0]) if len(header) == 8 else header)
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def pin_revision(path: str, revision: str | None = None):
@@ -102,6 +121,11 @@ def _commit_of(revision) -> str | None:
 def base_commit(model) -> str | None:
     """The hub commit the base's files were loaded from (set by `load_model`); None for a local directory."""
     return getattr(base_of(model).config, "_commit_hash", None)
+
+
+def base_identity(model) -> str | None:
+    """A local base directory's `local_identity` (set by `load_model`); None for a hub id (its commit says it)."""
+    return getattr(base_of(model), "local_identity", None)
 
 
 def _refuse_remote_code(path: str, revision, trust_remote_code: bool, filename: str) -> None:
@@ -245,6 +269,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, quantization: str = "
 
         quantize_dense(model, quant_type)
     model.config._commit_hash = _commit_of(revision)  # not written by save_pretrained (transformers drops the key)
+    model.local_identity = local_identity(path) if os.path.isdir(path) else None  # on the model: a config would save it
     return model
 
 
@@ -280,8 +305,10 @@ def attach_lora(model, settings: LoraSettings) -> PeftModel:
         bias="none",
     )
     # the base's hub commit goes into adapter_config.json as peft's own `revision`: stock loaders and our eval and
-    # export load the base the adapter was trained on, not whatever the branch holds by then
-    peft_model = get_peft_model(model, config, revision=base_commit(model))
+    # export load the base the adapter was trained on, not whatever the branch holds by then. A local base records
+    # its identity there (`local_identity`): transformers ignores a revision for a local directory, and our loads
+    # compare it with the directory's (`load`)
+    peft_model = get_peft_model(model, config, revision=base_commit(model) or base_identity(model))
     if settings.placement == "shared":
         tie_encoder_lora(peft_model)
     return peft_model
@@ -411,10 +438,24 @@ def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None
     model = load_model(path, dtype_for(dtype, device), device, quantization, attn, experts, revision,
                        trust_remote_code, quant_type)
     if adapter:
+        _warn_if_base_changed(path, adapter)
         model = PeftModel.from_pretrained(model, adapter)
         if placement == "shared":
             tie_encoder_lora(model)
     return model, tokenizer, placement
+
+
+def _warn_if_base_changed(path: str, adapter: str) -> None:
+    """An adapter trained on a local base records that directory's `local_identity`; a base that hashes otherwise
+    now (other config, other index: other files) may not be the model the adapter learnt on. Said, not refused:
+    the user may mean another copy of it."""
+    if not os.path.isdir(path):
+        return
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        recorded = json.load(f).get("revision")
+    if isinstance(recorded, str) and recorded.startswith("sha256:") and recorded != local_identity(path):
+        log.warning(f"warning: {adapter} was trained on a base whose config and index hashed {recorded}; {path} now "
+                    f"hashes {local_identity(path)}: it may not hold the weights the adapter learnt on")
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -22,8 +22,9 @@ from finetune.config import check as check_settings
 from finetune.config import settings
 from finetune.data import eval_prompts, holds_out_of_train, load_splits
 from finetune.errors import RunStopped, UserError
-from finetune.model import (attach_lora, base_commit, base_of, check_quantization, count_parameters, dtype_for,
-                            load, resolve_device, resolve_model_path, target_regex, weights_note)
+from finetune.model import (attach_lora, base_commit, base_identity, base_of, check_quantization, count_parameters,
+                            dtype_for, load, local_identity, resolve_device, resolve_model_path, target_regex,
+                            weights_note)
 from finetune.objective import ObjectiveConfig, objective_settings
 from finetune.plan import refuse_if_it_cannot_fit
 from finetune.pretrain import base_model_path
@@ -158,6 +159,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
 
     strategy = distributed.strategy(cfg.distributed.strategy)
     path = base_model_path(settings(cfg.model), cfg.cache_dir)
+    if decision.base_identity and os.path.isdir(path) and local_identity(path) != decision.base_identity:
+        raise UserError(f"{path} has changed since {decision.checkpoint} was written (its config and index hashed "
+                        f"{decision.base_identity}, now {local_identity(path)}): the checkpoint's LoRA learnt on the "
+                        "other files. Put those back, or start fresh: resume=false (the old checkpoints are kept)")
     # fsdp: each process loads into host memory and keeps 1/N of the base on its device (finetune.distributed)
     dtype = str(dtype_for(cfg.model.dtype, device)).removeprefix("torch.")  # the training device's, wherever loaded
     model, tokenizer, _ = load(path, "cpu" if strategy == "fsdp" else device, dtype,
@@ -218,6 +223,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         "run_name": cfg.run_name,
         "base_model": path,
         "base_commit": base_commit(model),  # the hub commit the base was loaded from; null for a local directory
+        "base_identity": base_identity(model),  # a local directory's hash of its config and index; null for a hub id
         "training": {
             "steps": trainer.state.global_step,
             "resumed_from": decision.checkpoint,
@@ -252,7 +258,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         from eval.compare import compare
 
         pairs = eval_prompts(eval_rows, tokenizer, data_settings)
-        meta = {"base_model": path, "base_commit": base_commit(model),
+        meta = {"base_model": path, "base_commit": base_commit(model), "base_identity": base_identity(model),
                 "base_weights": weights_note(cfg.model.quantization, cfg.model.quant_type, model.dtype)}
         metrics["eval"] = compare(peft_model, tokenizer, pairs, eval_ex, objective, canvas_length,
                                   OmegaConf.to_container(cfg.eval), out_dir=run_dir, data_settings=data_settings,

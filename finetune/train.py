@@ -26,7 +26,7 @@ from finetune import checkpointing, checkpoints, distributed
 from finetune.canvas import Example, collate
 from finetune.config import CheckpointSettings, TrainSettings
 from finetune.errors import RunStopped
-from finetune.model import base_commit, base_of, text_layers
+from finetune.model import base_commit, base_identity, base_of, text_layers
 from finetune.objective import ObjectiveConfig, diffusion_loss, draw_noise, loss_counts
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,7 @@ class DiffusionTrainer(Trainer):
             "samples_seen": self.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
             * args.world_size,
             "base_commit": base_commit(self.model),  # a resume loads the base at this commit
+            "base_identity": base_identity(self.model),  # a local base: a resume refuses a directory that changed
         })
         checkpoints.commit(staged, os.path.join(self.checkpoint_root, name))
         checkpoints.rotate(self.checkpoint_root, self.checkpoint.keep if self.checkpoint else 1)

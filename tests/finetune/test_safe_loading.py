@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from finetune.config import ModelSettings
 from finetune.errors import UserError
-from finetune.model import (LoraSettings, adapter_placement, adapter_revision, attach_lora, base_commit, load,
-                            load_tokenizer, resolve_model_path)
+from finetune.model import (LoraSettings, adapter_placement, adapter_revision, attach_lora, base_commit,
+                            base_identity, load, load_tokenizer, local_identity, resolve_model_path)
 
 from conftest import ROOT, make_model
 
@@ -71,16 +71,58 @@ def test_a_revision_the_cache_does_not_hold_is_one_line(hub):
     assert REPO in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_local_base_has_no_commit_and_refuses_a_revision(tmp_path, tokenizer):
-    make_model(tokenizer).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    model, _, _ = load(str(tmp_path / "base"), "cpu")
-    assert base_commit(model) is None
-    for refuse in (lambda: load(str(tmp_path / "base"), "cpu", revision="main"),
-                   lambda: resolve_model_path(str(tmp_path / "base"), "main"),
+def test_a_local_base_records_its_identity_and_refuses_a_revision_set_for_it(tmp_path, tokenizer, caplog):
+    """A local directory has no revisions: a load records a hash of its config and index where a hub base records
+    its commit (the adapter's peft `revision` too), a later load of an adapter on changed files says so, and a
+    revision given for the directory is refused."""
+    base = tmp_path / "base"
+    make_model(tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model, _, _ = load(str(base), "cpu")
+    identity = local_identity(str(base))
+    assert base_commit(model) is None and base_identity(model) == identity and identity.startswith("sha256:")
+    assert "identity" not in model.config.to_json_string()  # nothing of it leaks into a saved or merged config
+    adapter = tmp_path / "adapter"
+    attach_lora(model, LoraSettings(r=2, alpha=4)).save_pretrained(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["revision"] == identity
+    assert adapter_revision(str(adapter)) is None  # never handed to transformers as a revision
+
+    caplog.clear()
+    load(str(base), "cpu", adapter=str(adapter))
+    assert "may not hold the weights" not in caplog.text
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "canvas_length": 16}))
+    assert local_identity(str(base)) != identity
+    load(str(base), "cpu", adapter=str(adapter))
+    assert f"hashed {identity}" in caplog.text and "may not hold the weights the adapter learnt on" in caplog.text
+
+    for refuse in (lambda: load(str(base), "cpu", revision="main"),
+                   lambda: resolve_model_path(str(base), "main"),
                    lambda: ModelSettings(revision="main")):  # name_or_path tiny: built here, a local directory
-        with pytest.raises(UserError, match="model.revision='main'.*set model.revision=null"):
+        with pytest.raises(UserError, match="model.revision='main'.*(drop model.revision|set model.revision=null)"):
             refuse()
+
+
+def test_the_26b_group_pins_a_hub_id_and_plans_a_local_directory_without_an_override(tmp_path, tokenizer, capsys):
+    """model=diffusiongemma_26b's revision (main, a placeholder for the commit the user validated) applies to the
+    hub id only: `hf download --local-dir` gives a directory the recipes plan and train on as they are, and a
+    revision the user sets for that directory is still refused."""
+    from finetune.config import compose
+    from finetune.plan import main as plan_main
+    from finetune.pretrain import base_model_path
+
+    base = tmp_path / "dg"
+    make_model(tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    assert compose(["recipe=chat_spark"]).model.revision == "main"
+    assert compose(["recipe=chat_spark", "model.revision=v1"]).model.revision == "v1"
+    local = compose(["recipe=chat_spark", f"model.name_or_path={base}"])
+    assert local.model.revision is None and base_model_path(ModelSettings(**local.model), "") == str(base)
+    assert plan_main(["recipe=chat_spark", "hardware=cpu", f"model.name_or_path={base}"]) == 0
+    assert f"plan: chat_spark on cpu (cpu), {base}" in capsys.readouterr().out
+    explicit = compose(["recipe=chat_spark", f"model.name_or_path={base}", "model.revision=main"])
+    with pytest.raises(UserError, match=f"model.revision='main' is set but {base} is a local directory"):
+        base_model_path(ModelSettings(**explicit.model), "")
 
 
 def test_the_planner_and_the_preflight_read_the_config_of_the_revision(hub):
@@ -222,3 +264,28 @@ def test_a_resumed_run_loads_the_base_at_the_commit_its_checkpoint_recorded(hub,
     metrics = run(compose(args))
     assert f"the base is loaded at commit {MAIN}" in capsys.readouterr().out
     assert metrics["base_commit"] == MAIN and metrics["training"]["resumed_from"].endswith("checkpoint-2")
+
+
+def test_a_resumed_run_refuses_a_local_base_whose_files_changed(tmp_path, tokenizer):
+    """A local base has no commit to go back to: a resume on a directory whose config or index changed since the
+    checkpoint (another download, another model saved there) stops before loading, naming both hashes."""
+    import shutil
+
+    from finetune.config import compose
+    from finetune.run import run
+
+    base, run_dir = tmp_path / "base", tmp_path / "run"
+    make_model(tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    args = [f"model.name_or_path={base}", "data.train_rows=16", "data.eval_rows=4", "train.batch_size=8",
+            "train.max_steps=2", "checkpoint.every=1", "eval.enabled=false", "export.format=none",
+            "train.report_to=none", f"output_dir={run_dir}"]
+    identity = local_identity(str(base))
+    assert run(compose(args))["base_identity"] == identity
+    assert json.loads((run_dir / "checkpoints" / "checkpoint-2" / "manifest.json").read_text())[
+        "base_identity"] == identity
+    shutil.rmtree(run_dir / "adapter")  # as if killed after its last checkpoint
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "initializer_range": 0.5}))
+    with pytest.raises(UserError, match=f"{base} has changed since .*checkpoint-2.*hashed {identity}, now sha256:"):
+        run(compose(args))
