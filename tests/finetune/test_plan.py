@@ -151,3 +151,37 @@ def test_training_refuses_a_run_that_cannot_fit_before_it_loads_and_plan_enforce
     from finetune.__main__ import check
 
     assert check(["recipe=tiny", "hardware.memory_gb=0.5", "plan.enforce=false", f"output_dir={run_dir}"]) == 0
+
+
+def test_on_a_gpu_the_plan_uses_what_the_device_has_free_when_that_is_less_than_the_profile(monkeypatch):
+    """A Spark reports ~102 GiB free to CUDA after boot, not its profile's 115 GB: the plan takes the smaller and
+    says which it used; a profile below what the card has free keeps the profile's."""
+    from finetune import plan as planner
+    from finetune.config import compose
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GB10")
+    free = int(102 * 2**30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free, int(119.7 * 2**30)))
+    spark = planner.plan(compose(["recipe=chat_spark", "hardware=dgx_spark"]))
+    assert spark.memory == free and "free on NVIDIA GB10 now" in planner.verdict(spark)
+    assert "hardware.memory_gb=115" in planner.verdict(spark)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(130e9), int(139e9)))
+    spark = planner.plan(compose(["recipe=chat_spark", "hardware=dgx_spark"]))
+    assert spark.memory == 115e9 and "free on" not in planner.verdict(spark)
+
+
+def test_a_plan_over_by_less_than_the_planners_error_warns_and_the_run_goes_on(capsys):
+    """Within PLAN_ERROR of the prediction a verdict cannot tell fit from not: training is told, not refused;
+    further over, plan.enforce still refuses."""
+    from finetune.config import compose
+    from finetune.errors import UserError
+    from finetune.plan import PLAN_ERROR, plan, refuse_if_it_cannot_fit
+
+    peak = plan(compose(["recipe=tiny"])).peak
+    near = compose(["recipe=tiny", f"hardware.memory_gb={peak * (1 - PLAN_ERROR / 2) / 0.95 / 1e9}"])
+    assert refuse_if_it_cannot_fit(near).close
+    assert "may not fit" in capsys.readouterr().out
+    far = compose(["recipe=tiny", f"hardware.memory_gb={peak * (1 - 2 * PLAN_ERROR) / 0.95 / 1e9}"])
+    with pytest.raises(UserError, match="does not fit"):
+        refuse_if_it_cannot_fit(far)
