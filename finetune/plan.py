@@ -189,14 +189,20 @@ class Shapes:
     prompt: int
     response: int  # tokens the encoder reads after the prompt: whole canvases
     canvas: int
+    turns: int = 1  # canvases per example in the decoder pass: one per supervised turn (data.supervise=all: K)
 
     @property
     def encoder_tokens(self) -> int:
         return self.batch * (self.prompt + self.response)
 
+    @property
+    def decoder_tokens(self) -> int:
+        return self.batch * self.turns * self.canvas
 
-def shapes_of(cfg: DictConfig, canvas: int) -> Shapes:
-    return Shapes(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_canvases * canvas, canvas)
+
+def shapes_of(cfg: DictConfig, canvas: int, turns: int = 1) -> Shapes:
+    return Shapes(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_canvases * canvas, canvas,
+                  turns if cfg.data.supervise == "all" else 1)
 
 
 _MODELS: dict = {}
@@ -262,8 +268,8 @@ def _activations(model, shapes: Shapes, quantized_experts: bool = False) -> dict
     layers = {"encoder": list(base.model.encoder.language_model.layers), "decoder": list(base.model.decoder.layers)}
     saved = _Saved(model)
     ids = torch.zeros(shapes.batch, shapes.prompt + shapes.response, dtype=torch.long, device="meta")
-    canvas = torch.zeros(shapes.batch, shapes.canvas, dtype=torch.long, device="meta")
-    starts = torch.full((shapes.batch, 1), shapes.prompt, dtype=torch.long, device="meta")
+    canvas = torch.zeros(shapes.batch, shapes.turns * shapes.canvas, dtype=torch.long, device="meta")
+    starts = torch.full((shapes.batch, shapes.turns), shapes.prompt, dtype=torch.long, device="meta")
     encoder_trains = any(p.requires_grad for p in base.model.encoder.parameters())
     depth = text.num_hidden_layers
     text.num_hidden_layers = measured  # both passes loop over layers[:num_hidden_layers]
@@ -297,7 +303,7 @@ def _head_bytes(config, shapes: Shapes, dtype, device: str, encoder_loss: bool) 
     text = config.text_config
     rows, cols = geometry(text.vocab_size, torch.device(device))
     size = dtype.itemsize
-    scored = shapes.batch * shapes.canvas + (shapes.encoder_tokens if encoder_loss else 0)
+    scored = shapes.decoder_tokens + (shapes.encoder_tokens if encoder_loss else 0)
     kept = scored * text.hidden_size * size + scored * 4 * 3  # hidden rows, targets, lse, target logits
     working = rows * cols * (size + 4 + 4 + size)  # the matmul's output, fp32 logits, tanh, the cast gradient
     return kept, working
@@ -311,6 +317,7 @@ class Plan:
     capacity: int | None = None  # bytes the run may use (after the headroom)
     memory: int | None = None  # the memory planned against: the profile's, or less where the device reports less
     memory_source: str = ""  # where ``memory`` came from, for the verdict
+    turns: int = 1  # decoder canvases per example (data.supervise=all: the data's most supervised turns)
     context: int = 0  # outside the allocator (CUDA context); counts for the verdict
 
     @property
@@ -328,8 +335,10 @@ class Plan:
                                                                                                  self.context)
 
 
-def plan(cfg: DictConfig) -> Plan:
-    """The predicted peak of one training step of ``cfg`` (composed, checked)."""
+def plan(cfg: DictConfig, turns: int = 1) -> Plan:
+    """The predicted peak of one training step of ``cfg`` (composed, checked). ``turns``: with data.supervise=all,
+    the most supervised turns in one example of the data (each is a canvas of the decoder pass); `data_turns`
+    counts them."""
     from finetune.model import dtype_for
 
     hardware = settings(cfg.hardware)
@@ -340,9 +349,9 @@ def plan(cfg: DictConfig) -> Plan:
     dtype = dtype_for(cfg.model.dtype, device)
     lora = settings(cfg.lora)
     model = _meta_model(config, dtype, lora, cfg.model.attn_implementation)  # eager keeps every score matrix
-    shapes = shapes_of(cfg, config.canvas_length)
+    shapes = shapes_of(cfg, config.canvas_length, turns)
     objective = cfg.objective
-    result = Plan(hardware.profile, device, context=CUDA_CONTEXT if device == "cuda" else 0)
+    result = Plan(hardware.profile, device, context=CUDA_CONTEXT if device == "cuda" else 0, turns=shapes.turns)
 
     quantization = cfg.model.quantization
     processes = cfg.distributed.world_size or 1
@@ -375,7 +384,7 @@ def plan(cfg: DictConfig) -> Plan:
     largest_layer = max([*encoder.values(), *decoder.values()], default=0)
     if checkpointing:  # each layer keeps its input; one layer's activations exist again while it is recomputed
         kept_enc = len(encoder) * shapes.encoder_tokens * hidden * size
-        kept_dec = len(decoder) * shapes.batch * shapes.canvas * hidden * size
+        kept_dec = len(decoder) * shapes.decoder_tokens * hidden * size
         note = "checkpointed: each layer's input"
     else:
         kept_enc, kept_dec = sum(encoder.values()), sum(decoder.values())
@@ -383,13 +392,14 @@ def plan(cfg: DictConfig) -> Plan:
     enc_note = f"{shapes.batch} x {shapes.prompt + shapes.response} tokens, {note}"
     result.parts.append(("activations: encoder", kept_enc, enc_note if encoder else "no gradient (frozen encoder)"))
     result.parts.append(("activations: decoder", kept_dec + other,
-                         f"{shapes.batch} x {shapes.canvas} canvas tokens, {note}"))
+                         f"{shapes.batch} x {shapes.turns * shapes.canvas} canvas tokens"
+                         f"{f' ({shapes.turns} turns)' if shapes.turns > 1 else ''}, {note}"))
     result.parts.append(("KV cache", kv, "encoder keys and values the decoder reads"))
     head_kept, head_working = _head_bytes(config, shapes, dtype, device, objective.encoder_ar_weight > 0)
     result.parts.append(("logits and loss buffers", head_kept + head_working,
                          "one chunk of logits at a time (finetune/head.py)"))
     if objective.self_conditioning_p > 0:
-        sc = shapes.batch * shapes.canvas * hidden * (size + 4) * 2
+        sc = shapes.decoder_tokens * hidden * (size + 4) * 2
         result.parts.append(("self-conditioning", sc, "a pass without gradient; keeps only its soft embeddings"))
     # Backward frees a layer's saved tensors as it makes that layer's gradients, so without checkpointing the peak
     # is what forward kept; with it, one layer at a time is recomputed. In largest layers' saved bytes, measured on
@@ -465,7 +475,7 @@ def _variants(cfg: DictConfig) -> list[tuple[str, list[str]]]:
     return out
 
 
-def suggestions(cfg: DictConfig) -> list[tuple[str, list[str], Plan]]:
+def suggestions(cfg: DictConfig, turns: int = 1) -> list[tuple[str, list[str], Plan]]:
     """Each variant's plan, smallest change first: those that fit, or all of them when none does."""
     found = []
     for label, overrides in _variants(cfg):
@@ -474,7 +484,7 @@ def suggestions(cfg: DictConfig) -> list[tuple[str, list[str], Plan]]:
             for item in overrides:
                 key, value = item.split("=", 1)
                 OmegaConf.update(changed, key, yaml.safe_load(value), merge=False)
-        found.append((label, overrides, plan(changed)))
+        found.append((label, overrides, plan(changed, turns)))
     return [f for f in found if f[2].fits] or found
 
 
@@ -500,7 +510,7 @@ def report(cfg: DictConfig, current: Plan, with_suggestions: bool = True) -> str
                      "bench/RESULTS.md; a GB10 or RTX card may differ by its allocator and kernels)")
     lines.append(verdict(current))
     if with_suggestions and current.fits is False and not current.close:
-        found = suggestions(cfg)
+        found = suggestions(cfg, current.turns)
         fitting = any(p.fits for _, _, p in found)
         lines.append("changes that make it fit, smallest first (predicted total):" if fitting else
                      "no change here makes it fit (predicted total with each):")
@@ -529,13 +539,32 @@ def verdict(current: Plan) -> str:
     return f"does not fit: {total / GB:.1f} GB predicted, {share}{source}; {-margin / GB:.1f} GB over"
 
 
-def refuse_if_it_cannot_fit(cfg: DictConfig) -> Plan | None:
+def data_turns(cfg: DictConfig) -> tuple[int, str]:
+    """(the most supervised turns in one example of data.train, a note) for data.supervise=all, read as the run
+    reads it (tokenizer and canvas length without weights); 1 with the reason where it cannot be read here."""
+    if cfg.data.supervise != "all":
+        return 1, ""
+    from finetune.data import load_splits
+    from finetune.preflight import tokenizer_and_canvas
+
+    try:
+        tokenizer, canvas = tokenizer_and_canvas(cfg)
+        examples = load_splits(settings(cfg.data), tokenizer, canvas)[1]
+    except (UserError, OSError) as e:
+        return 1, f"data.supervise=all: planned with one canvas per example, as the data could not be read here ({e})"
+    turns = max((len(e.targets) for e in examples), default=1)
+    return turns, (f"data.supervise=all: {turns} canvases per example in the decoder pass, the most supervised turns "
+                   "in one example of data.train")
+
+
+def refuse_if_it_cannot_fit(cfg: DictConfig, turns: int = 1) -> Plan | None:
     """Training's check before it loads: a run whose plan does not fit stops here (plan.enforce=false lets it).
-    A hub model whose config is not on this machine yet cannot be planned before its download: it goes on."""
+    A hub model whose config is not on this machine yet cannot be planned before its download: it goes on.
+    ``turns``: with data.supervise=all, the run checks again once its data is read (`plan`)."""
     if not cfg.plan.enforce:
         return None
     try:
-        current = plan(cfg)
+        current = plan(cfg, turns)
     except UserError as e:
         if "is not on this machine" not in str(e):
             raise
@@ -544,7 +573,7 @@ def refuse_if_it_cannot_fit(cfg: DictConfig) -> Plan | None:
     if current.close:
         print(f"plan: {verdict(current)}")
     elif current.fits is False:
-        found = suggestions(cfg)
+        found = suggestions(cfg, turns)
         hint = next((f"; it would with {' '.join(o)}" for _, o, p in found if p.fits), "")
         raise UserError(f"{verdict(current)} on {current.profile}{hint}. The breakdown: python -m finetune.plan "
                         "<the same arguments>; to run anyway: plan.enforce=false")
@@ -561,7 +590,10 @@ def main(argv=None) -> int:
             return None
         cfg = compose(overrides)
         check(cfg)
-        print(report(cfg, plan(cfg)))
+        turns, note = data_turns(cfg)
+        if note:
+            print(note)
+        print(report(cfg, plan(cfg, turns)))
         return None
 
     return command(argv if argv is not None else sys.argv[1:],

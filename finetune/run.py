@@ -174,6 +174,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     objective = training_objective(cfg, tokenizer)
     splits = load_splits(data_settings, tokenizer, canvas_length)
     train_rows, train_ex, train_stats, eval_rows, eval_ex, eval_stats = splits
+    turns = max((len(e.targets) for e in train_ex), default=1)
+    if data_settings.supervise == "all" and turns > 1:  # the plan before loading counted one canvas per example
+        refuse_if_it_cannot_fit(cfg, turns)
 
     # Nothing is written before here: a run that cannot start leaves no directory (see finetune.__main__).
     os.makedirs(run_dir, exist_ok=True)

@@ -156,6 +156,7 @@ def test_training_refuses_a_run_that_cannot_fit_before_it_loads_and_plan_enforce
 def test_on_a_gpu_the_plan_uses_what_the_device_has_free_when_that_is_less_than_the_profile(monkeypatch):
     """A Spark reports ~102 GiB free to CUDA after boot, not its profile's 115 GB: the plan takes the smaller and
     says which it used; a profile below what the card has free keeps the profile's."""
+    import finetune.model  # noqa: F401  (peft, then bitsandbytes, read torch.cuda once at import: before the patch)
     from finetune import plan as planner
     from finetune.config import compose
 
@@ -185,3 +186,24 @@ def test_a_plan_over_by_less_than_the_planners_error_warns_and_the_run_goes_on(c
     far = compose(["recipe=tiny", f"hardware.memory_gb={peak * (1 - 2 * PLAN_ERROR) / 0.95 / 1e9}"])
     with pytest.raises(UserError, match="does not fit"):
         refuse_if_it_cannot_fit(far)
+
+
+def test_supervise_all_is_planned_with_a_canvas_per_supervised_turn(capsys):
+    """data.supervise=all scores every assistant turn, each on its own canvas of one decoder pass: the plan counts
+    the data's most turns in one example (K), not one canvas (an enforced plan then passed runs that could not
+    fit)."""
+    from finetune.config import compose
+    from finetune.plan import data_turns, plan
+
+    cfg = compose(["recipe=tiny", "data.train=tiny:followup", "data.supervise=all", "train.batch_size=4"])
+    turns, note = data_turns(cfg)
+    assert turns == 2 and "2 canvases per example" in note
+    parts = {k: dict((n, b) for n, b, _ in plan(cfg, k).parts) for k in (1, 2, 3)}
+    assert parts[2]["self-conditioning"] == 2 * parts[1]["self-conditioning"]
+    # the decoder pass (the real objective's decode on meta) keeps per-canvas tensors on top of its attention over
+    # the encoder's cache, which does not grow with K: linear in K, above one canvas
+    growth = [parts[k + 1]["activations: decoder"] - parts[k]["activations: decoder"] for k in (1, 2)]
+    assert growth[0] > 0 and growth[1] == pytest.approx(growth[0], rel=0.01), growth
+    assert data_turns(compose(["recipe=tiny", "data.train=tiny:followup"]))[0] == 1  # supervise=last: one
+    code, out = plan_command(capsys, "recipe=tiny", "data.train=tiny:followup", "data.supervise=all")
+    assert code == 0 and "2 canvases per example" in out and "canvas tokens (2 turns)" in out
