@@ -173,7 +173,19 @@ def generation_config():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=OUT, help="directory to write config.json and generation_config.json")
+    parser.add_argument("--checkpoint", metavar="DIR", help="instead: write a real-width slice with random weights "
+                        "and a stand-in tokenizer to DIR (write_checkpoint)")
+    parser.add_argument("--layers", type=int, default=2, help="--checkpoint: the first N layers (the last full)")
+    parser.add_argument("--experts", type=int, default=None, help="--checkpoint: keep N of the 128 experts")
+    parser.add_argument("--no-vision", action="store_true", help="--checkpoint: without the vision tower")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="--checkpoint: weights")
+    parser.add_argument("--max-shard-size", default="2GB", help="--checkpoint: safetensors shard size")
     args = parser.parse_args(argv)
+    if args.checkpoint:
+        write_checkpoint(args.checkpoint, args.layers, args.experts, not args.no_vision, getattr(torch, args.dtype),
+                         args.max_shard_size)
+        print(f"wrote {args.checkpoint}")
+        return
     os.makedirs(args.out, exist_ok=True)
     build_config().save_pretrained(args.out)
     generation_config().save_pretrained(args.out)
