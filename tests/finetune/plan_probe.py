@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -71,11 +72,13 @@ def main(overrides):
     prepare(model, settings(cfg.train))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     self_conditioning = torch.full((batch_size,), cfg.objective.self_conditioning_p > 0)
+    started = time.perf_counter()
     out = diffusion_loss(model.get_base_model(), batch, settings(cfg.objective), c,
                          generator=torch.Generator().manual_seed(1), self_conditioning=self_conditioning)
     out.loss.backward()
     optimizer.step()
-    print(json.dumps({"measured": hwm() - base, "predicted": predicted.peak,
+    seconds = time.perf_counter() - started  # the step alone (bench/rehearsal.py: its rate against its FLOPs)
+    print(json.dumps({"measured": hwm() - base, "predicted": predicted.peak, "seconds": seconds,
                       "parts": {name: nbytes for name, nbytes, _ in predicted.parts}}))
 
 
