@@ -60,6 +60,7 @@ PROBES = {  # name -> overrides beyond the common ones
     "all4bit": ["model.dtype=bfloat16", "model.quantization=all4bit"],
     "bf16+checkpointing": ["model.dtype=bfloat16", "train.gradient_checkpointing=true"],
 }
+PHASES = ("plan", "preflight", "train", "eval", "export", "probes")  # train: the reference, killed and resumed
 TOLERANCE = 0.15  # the bar for plan/measured at real width
 
 
@@ -210,6 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=64, help="data.max_prompt_tokens of every phase")
     parser.add_argument("--canvases", type=int, default=1, help="data.max_response_canvases of every phase")
     parser.add_argument("--probes", default=",".join(PROBES), help=f"planner probes (of {', '.join(PROBES)})")
+    parser.add_argument("--only", default=",".join(PHASES), help=f"phases to run (of {', '.join(PHASES)}): "
+                        "eval and export read the reference run that train leaves in --dir")
     parser.add_argument("--recipe", default="chat_spark")
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--reload-child", nargs=3, metavar=("MERGED", "ADAPTER", "BASE"), help=argparse.SUPPRESS)
@@ -217,7 +220,10 @@ def main(argv=None) -> int:
     if args.reload_child:
         reload_child(*args.reload_child)
         return 0
-    probes = [p for p in args.probes.split(",") if p]
+    only = set(args.only.split(","))
+    if only - set(PHASES):
+        parser.error(f"--only: unknown {sorted(only - set(PHASES))}; choose from {', '.join(PHASES)}")
+    probes = [p for p in args.probes.split(",") if p] if "probes" in only else []
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
         parser.error(f"--probes: unknown {unknown}; choose from {', '.join(PROBES)}")
@@ -242,46 +248,54 @@ def main(argv=None) -> int:
         common = [f"recipe={args.recipe}", "hardware=cpu", f"model.name_or_path={base}",
                   "data.train=tests/data/chats.jsonl", f"data.max_prompt_tokens={args.prompt}",
                   f"data.max_response_canvases={args.canvases}", "train.batch_size=1", "train.grad_accum=1"]
-        must("plan", [py, "-m", "finetune.plan", *common], env, rows, timeout=600)
-        must("preflight", [py, "-m", "finetune.preflight", *common], env, rows, timeout=600)
+        if "plan" in only:
+            must("plan", [py, "-m", "finetune.plan", *common], env, rows, timeout=600)
+        if "preflight" in only:
+            must("preflight", [py, "-m", "finetune.preflight", *common], env, rows, timeout=600)
 
         training = [*common, "model.dtype=bfloat16", f"train.max_steps={args.steps}", "train.lr=1e-2",
                     "train.warmup_steps=0", "train.logging_steps=1", "checkpoint.every=1",
                     "objective.encoder_ar_weight=0", "objective.self_conditioning_p=0", "eval.enabled=false",
                     "export.format=none"]
         reference, killed = os.path.join(work, "run"), os.path.join(work, "run-killed")
-        for stale in (reference, killed):
-            shutil.rmtree(stale, ignore_errors=True)
-        must("train", [py, "-m", "finetune", *training, f"output_dir={reference}"], env, rows)
-        code, output = run_phase("killed", [py, "-m", "finetune", *training, f"output_dir={killed}"], env, rows,
-                                 1800, kill_when=lambda: sealed(killed, 1))
-        if code != -signal.SIGKILL:
-            raise PhaseFailed(f"killed: the run ended ({code}) before checkpoint-1 was sealed\n{output[-3000:]}")
-        must("resumed", [py, "-m", "finetune", *training, f"output_dir={killed}", "resume=auto"], env, rows)
-        differs = same_outcome(killed, reference)
-        result["resume_bitwise"] = not differs
-        if differs:
-            print(f"  resume differs from the uninterrupted run in: {', '.join(differs[:5])}")
+        if "train" in only:
+            for stale in (reference, killed):
+                shutil.rmtree(stale, ignore_errors=True)
+            must("train", [py, "-m", "finetune", *training, f"output_dir={reference}"], env, rows)
+            code, output = run_phase("killed", [py, "-m", "finetune", *training, f"output_dir={killed}"], env, rows,
+                                     1800, kill_when=lambda: sealed(killed, 1))
+            if code != -signal.SIGKILL:
+                raise PhaseFailed(f"killed: the run ended ({code}) before checkpoint-1 was sealed\n{output[-3000:]}")
+            must("resumed", [py, "-m", "finetune", *training, f"output_dir={killed}", "resume=auto"], env, rows)
+            differs = same_outcome(killed, reference)
+            result["resume_bitwise"] = not differs
+            if differs:
+                print(f"  resume differs from the uninterrupted run in: {', '.join(differs[:5])}")
+        if only & {"eval", "export"} and not os.path.isdir(os.path.join(reference, "adapter")):
+            raise PhaseFailed(f"eval and export read the reference run {reference}: run the train phase first")
 
-        must("eval", [py, "-m", "eval", *common, "model.dtype=bfloat16", f"adapter={reference}/adapter",
-                      f"out={work}/eval", "eval.benchmark=null", "eval.max_examples=2", "eval.samples=2",
-                      "eval.loss_t=[0.5]", "eval.loss_batches=1", "eval.generation.max_new_tokens=32",
-                      "eval.generation.max_denoising_steps=4", "eval.generation.batch_size=2"], env, rows)
-        report = json.load(open(os.path.join(work, "eval", "report.json")))
-        result["eval_keys"] = sorted(report)
+        if "eval" in only:
+            must("eval", [py, "-m", "eval", *common, "model.dtype=bfloat16", f"adapter={reference}/adapter",
+                          f"out={work}/eval", "eval.benchmark=null", "eval.max_examples=2", "eval.samples=2",
+                          "eval.loss_t=[0.5]", "eval.loss_batches=1", "eval.generation.max_new_tokens=32",
+                          "eval.generation.max_denoising_steps=4", "eval.generation.batch_size=2"], env, rows)
+            report = json.load(open(os.path.join(work, "eval", "report.json")))
+            result["eval_seconds"] = report.get("seconds")
 
-        export_dir = os.path.join(reference, "export")
-        shutil.rmtree(export_dir, ignore_errors=True)
-        output = must("export", [py, "-m", "finetune.export", f"run_dir={reference}", "format=both",
-                                 "dtype=float32", "max_shard_size=2GB"], env, rows)
-        found = re.search(r"merged reloads to max \|logit diff\| (\S+) \(tolerance (\S+); adapter effect (\S+)\)",
-                          output)
-        if found:
-            result["export_check"] = {"max_diff": float(found[1]), "tolerance": float(found[2]),
-                                      "effect": float(found[3])}
-        output = must("reload", [py, os.path.abspath(__file__), "--reload-child", os.path.join(export_dir, "merged"),
-                                 os.path.join(export_dir, "adapter"), base], env, rows)
-        result["reload"] = json.loads(output.strip().splitlines()[-1])
+        if "export" in only:
+            export_dir = os.path.join(reference, "export")
+            shutil.rmtree(export_dir, ignore_errors=True)
+            output = must("export", [py, "-m", "finetune.export", f"run_dir={reference}", "format=both",
+                                     "dtype=float32", "max_shard_size=2GB"], env, rows)
+            found = re.search(r"merged reloads to max \|logit diff\| (\S+) \(tolerance (\S+); adapter effect "
+                              r"(\S+)\)", output)
+            if found:
+                result["export_check"] = {"max_diff": float(found[1]), "tolerance": float(found[2]),
+                                          "effect": float(found[3])}
+            output = must("reload", [py, os.path.abspath(__file__), "--reload-child",
+                                     os.path.join(export_dir, "merged"), os.path.join(export_dir, "adapter"), base],
+                          env, rows)
+            result["reload"] = json.loads(output.strip().splitlines()[-1])
 
         for name in probes:
             overrides = [*common, *PROBES[name]]
@@ -319,10 +333,11 @@ def main(argv=None) -> int:
         return f"{ratio[name]:.2f}" if name in ratio else "n/a"
 
     step = f"{result['step']['ratio']:.2f}" if "step" in result else "n/a"
+    bitwise = {True: "yes", False: "no", None: "n/a"}[result.get("resume_bitwise")]
+    reload = f"{result['reload']['max_diff']:.2e}" if "reload" in result else "n/a"
     print(f"rehearsal: plan/measured bf16 {r('bf16')} fp32 {r('fp32')} experts4bit {r('experts4bit')} "
-          f"all4bit {r('all4bit')}; resume bitwise: {'yes' if result['resume_bitwise'] else 'no'}; "
-          f"export reload max|d| {result['reload']['max_diff']:.2e}; step s/FLOP-rate {step}")
-    return 0 if result["resume_bitwise"] and not off else 1
+          f"all4bit {r('all4bit')}; resume bitwise: {bitwise}; export reload max|d| {reload}; step s/FLOP-rate {step}")
+    return 1 if off or result.get("resume_bitwise") is False else 0
 
 
 if __name__ == "__main__":

@@ -176,3 +176,38 @@ def test_objective_ablation_quick_scores_every_run_and_writes_the_table_and_plot
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "4 runs, 4 already in" in again.stdout, again.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_rehearsal_drives_every_entry_point_and_ends_with_its_line(tokenizer, tmp_path):
+    """bench/rehearsal.py on a tiny bf16 checkpoint (the real-width run is the bench's own, bench/RESULTS.md): every
+    phase exits as it should (the kill mid-run included), the resume is bit for bit, the stock reload of the float32
+    export matches base + adapter far below the adapter's effect, the planner probe runs, and the last line has
+    the issue's shape."""
+    import re
+    import subprocess
+
+    from conftest import make_model
+
+    base = tmp_path / "dg"
+    make_model(tokenizer).to(torch.bfloat16).save_pretrained(base)  # bf16 on disk, as the released weights
+    tokenizer.save_pretrained(base)
+    numbers = tmp_path / "rehearsal.json"
+    # 20 steps: the kill must land mid-run, and a tiny run of 3 could end between two polls
+    result = subprocess.run([sys.executable, "bench/rehearsal.py", "--checkpoint", str(base), "--dir",
+                             str(tmp_path / "work"), "--canvases", "8", "--steps", "20", "--probes", "bf16",
+                             "--json", str(numbers)], cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"rehearsal: plan/measured bf16 \S+ fp32 n/a experts4bit n/a all4bit n/a; resume bitwise: "
+                        r"yes; export reload max\|d\| \S+; step s/FLOP-rate \S+", last), result.stdout[-3000:] + \
+        result.stderr[-3000:]
+    data = json.loads(numbers.read_text())
+    codes = {row["phase"]: row["code"] for row in data["phases"]}
+    assert codes == {"plan": 0, "preflight": 0, "train": 0, "killed": -9, "resumed": 0, "eval": 0, "export": 0,
+                     "reload": 0, "probe:bf16": 0}
+    assert all(row["peak_gb"] > 0.1 for row in data["phases"])  # a Python process with torch, measured
+    assert data["resume_bitwise"] is True
+    reload = data["reload"]
+    assert reload["max_diff"] < 1e-3 < reload["effect"], reload
+    assert data["step"]["ratio"] > 0 and data["probes"][0]["predicted"] > 0
