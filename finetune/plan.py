@@ -247,6 +247,14 @@ def _weight_parts(model, quantization: str) -> dict[str, int]:
     return parts
 
 
+def _largest_stored_tensor(model, config) -> int:
+    """Bytes of the largest weight as the checkpoint stores it (config.dtype; the 26B's fused expert gate_up of one
+    layer: 1.0 GB in bf16): finetune.model.load_model reads each tensor whole before converting or placing it."""
+    stored = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
+    largest = max((p.numel() for n, p in model.get_base_model().named_parameters() if "lora_" not in n), default=0)
+    return largest * stored.itemsize
+
+
 def _largest_layer_weights(model) -> int:
     """Bytes of the largest text layer's weights (an encoder layer and its decoder twin share them)."""
     from finetune.model import text_layers
@@ -359,6 +367,7 @@ def plan(cfg: DictConfig, turns: int = 1) -> Plan:
     share = processes if sharded else 1  # FSDP: each process holds 1/N of every frozen weight (finetune.distributed)
     per = f", 1/{processes} per process (FSDP)" if sharded else ""
     weights = _weight_parts(model, quantization)
+    weights_parts = sum(1 for nbytes in weights.values() if nbytes)
     for part, nbytes in weights.items():
         if nbytes:
             result.parts.append((f"weights: {part}", -(-nbytes // share), _dtype_note(part, dtype, quantization,
@@ -408,6 +417,13 @@ def plan(cfg: DictConfig, turns: int = 1) -> Plan:
     result.parts.append(("backward working set", int(working),
                          "one layer recomputed and differentiated" if checkpointing else
                          "none above forward's: each layer's saved tensors are freed as its gradients are made"))
+
+    if device == "cpu":  # the load's own peak: every weight in place and the largest tensor read but not yet placed
+        in_flight = _largest_stored_tensor(model, config)
+        beyond = in_flight - sum(b for name, b, _ in result.parts[weights_parts:])
+        result.parts.append(("loading: one tensor in flight", max(0, beyond),
+                             f"the largest checkpoint tensor ({in_flight / 1e9:.2f} GB as stored), read whole, at the "
+                             "end of the load; counted beyond the step's own activations and buffers"))
 
     result.memory, result.memory_source = _memory(hardware, device)
     result.capacity = None if result.memory is None else int(result.memory * (1 - cfg.plan.headroom))
