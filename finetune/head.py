@@ -10,13 +10,18 @@ one chunk of logits exists at any time:
   chunk by chunk (the pass that needs it runs without gradient).
 
 Both do the same arithmetic in the same dtypes as the model's own head (`lm_head` in the weight's dtype, then fp32,
-then the cap), so they agree with the full-logits path to float rounding (tests/finetune/test_head.py).
+then the cap), so they agree with the full-logits path to float rounding (tests/finetune/test_head.py). On a CPU
+whose bf16/fp16 matmul is the slow generic loop (`finetune.emulated.slow_half`) the tile products run in fp32 and are
+rounded once to that dtype: what a native half matmul does, at the fp32 rate (the bf16 tile products were most of
+the 657 s of a real-width step on 2 EPYC cores).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from finetune.emulated import slow_half
 
 # On a GPU a chunk is a band of rows over the whole vocabulary, its fp32 logits under CHUNK_BYTES (256 positions at
 # the real vocabulary). On a CPU a chunk is a tile of CPU_TILE (rows, vocabulary columns), 1 MiB: the tanh, exp and
@@ -39,10 +44,22 @@ def geometry(vocab: int, device: torch.device) -> tuple[int, int]:
     return max(1, CHUNK_BYTES // (4 * vocab)), vocab
 
 
+def _linear(a, w):
+    """F.linear(a, w) in the dtype the model's `lm_head` would give (autocast's where it is on); where that dtype's
+    matmul is slow, from the operands rounded to it, multiplied in fp32 and rounded once."""
+    device = a.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(a.dtype,
+                                                                                                        w.dtype)
+    if not slow_half(a.device, dtype):
+        return F.linear(a, w)
+    with torch.autocast(device, enabled=False):
+        return F.linear(a.to(dtype).float(), w.to(dtype).float()).to(dtype)
+
+
 def _logits(hidden, weight, cap):
     """(soft-capped fp32 logits, tanh(logits / cap) or None) of one tile, as the model's head computes them:
     `lm_head` in the weight's dtype, then fp32, then the cap."""
-    logits = F.linear(hidden, weight).float()
+    logits = _linear(hidden, weight).float()
     if not cap:
         return logits, None
     tanh = logits.div_(cap).tanh_()
@@ -80,9 +97,13 @@ class _Exponentials:
 
 
 def _accumulate(out, a, b):
-    """out (fp32) += a @ b: in place when a and b are fp32, else through one product in their dtype."""
+    """out (fp32) += a @ b: in place when a and b are fp32, else through one product in their dtype. Where that
+    dtype's matmul is slow, in place in fp32: the sum over tiles is then rounded once, by the caller, as the model's
+    one product over the whole vocabulary is."""
     if a.dtype == torch.float32:
         out.addmm_(a, b)
+    elif slow_half(a.device, a.dtype):
+        out.addmm_(a.float(), b.float())
     else:
         out += (a @ b).float()
 

@@ -12,8 +12,9 @@ STAGES = [
     ["finetune.cli"],  # the command-line prologue every command shares: config only
     ["finetune.tiny", "finetune.model", "finetune.quantize", "finetune.quantized_load"],  # the model layer: load
     # base, adapter, tokenizer; the tiny architecture; 4-bit frozen weights, and quantising them as they load
-    ["finetune.head", "finetune.checkpointing", "finetune.checkpoints", "finetune.distributed"],  # how a step runs:
-    # chunked head, checkpointed layers; how a run survives: sealed checkpoints, resume; several processes as one
+    ["finetune.emulated", "finetune.head", "finetune.checkpointing", "finetune.checkpoints",
+     "finetune.distributed"],  # how a step runs: half-precision products in fp32 where a CPU's are slow, chunked head,
+    # checkpointed layers; how a run survives: sealed checkpoints, resume; several processes as one
     ["finetune.canvas"],
     ["finetune.data"],  # sources -> rows, render -> examples, splits
     ["finetune.objective"],

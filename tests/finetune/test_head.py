@@ -7,6 +7,7 @@ from test_lora import randomise_lora
 from test_objective import batch_of
 
 import finetune.head as head
+from finetune.emulated import HALF
 from finetune.model import LoraSettings, attach_lora
 from finetune.objective import ObjectiveConfig, diffusion_loss
 
@@ -22,6 +23,14 @@ def small_tiles(monkeypatch):
     """Tiles of 4 rows x 16 columns on CPU, bands of 4 rows elsewhere: many chunks, the last ones short."""
     monkeypatch.setattr(head, "CPU_TILE", (4, 16))
     monkeypatch.setattr(head, "CHUNK_BYTES", 4 * 50 * 4)
+
+
+@pytest.fixture(params=["half", "fp32"])
+def half_products(request, monkeypatch):
+    """Half-precision tile products as this CPU would run them, forced either way: in the half dtype (a GPU, a CPU
+    with native bf16) or in fp32 rounded once (`finetune.emulated.slow_half`), so both paths are checked anywhere."""
+    monkeypatch.setattr(head, "slow_half", lambda device, dtype: request.param == "fp32" and dtype in HALF)
+    return request.param
 
 
 @pytest.mark.parametrize("cap", [30.0, 2.0, None])
@@ -41,7 +50,7 @@ def test_chunked_cross_entropy_matches_full_logits_in_loss_and_both_gradients(ca
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_cross_entropy_in_bf16_rounds_like_the_models_head(small_tiles):
+def test_chunked_cross_entropy_in_bf16_rounds_like_the_models_head(small_tiles, half_products):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(20, 32, generator=g).bfloat16().requires_grad_()
     head_layer = torch.nn.Linear(32, 300, bias=False).bfloat16().requires_grad_(False)
@@ -97,7 +106,7 @@ def test_lean_objective_equals_stock_loss_and_lora_gradients(tiny_model, tokeniz
 
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_soft_embeddings_equal_the_decoders_own_in_every_dtype(dtype, scaled, small_tiles):
+def test_soft_embeddings_equal_the_decoders_own_in_every_dtype(dtype, scaled, small_tiles, half_products):
     """softmax(logits) @ E * scale as DiffusionGemmaDecoderModel builds it from full logits (scaled: from the logits
     over a temperature per row, what generate() hands it). float16 is the trap: exponentials shifted by the cap
     underflow there, so the running max is used."""
@@ -116,3 +125,18 @@ def test_soft_embeddings_equal_the_decoders_own_in_every_dtype(dtype, scaled, sm
     assert reference.float().abs().max() > 0.1
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
     torch.testing.assert_close(ours, reference.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_chunked_cross_entropy_under_cpu_autocast_rounds_like_the_models_head(small_tiles, half_products):
+    """hardware.bf16 on a CPU: fp32 weights, bf16 autocast. The model's head then multiplies bf16-rounded operands;
+    the fp32 tile products must round them first too, not multiply the fp32 originals."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(20, 32, generator=g).requires_grad_()
+    head_layer = torch.nn.Linear(32, 300, bias=False).requires_grad_(False)
+    targets = torch.randint(0, 300, (20,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean = head.softcapped_cross_entropy(head_layer, hidden, targets, 30.0)
+        full = full_path(hidden, head_layer.weight, targets, 30.0)
+    exact = full_path(hidden, head_layer.weight, targets, 30.0)
+    assert (full - exact).abs().max() > 1e-3  # autocast did round: the comparison below is of something
+    torch.testing.assert_close(lean, full, atol=1e-5, rtol=1e-5)
