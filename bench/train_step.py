@@ -5,6 +5,10 @@
     python bench/train_step.py --case vocab --steps 3 --json vocab.json
     python bench/train_step.py --case slice --layers 2 --experts eager,grouped_mm        # GPU
     python bench/train_step.py --case full --recipes chat_spark --experts grouped_mm     # GPU: 51 GB of weights + the step
+    python bench/train_step.py --case slice --layers 1 --keep-experts 8 --recipes chat_spark --half-products native,fp32 \
+        --set hardware=cpu --set data.max_prompt_tokens=64 --set data.max_response_canvases=1 --no-stock --steps 1 \
+        --warmup 0 --profile 15
+                                                    # CPU: one real-width bf16 step, as main ran it and through fp32
 
 A step is `finetune.objective.diffusion_loss` + backward, with LoRA r16 on attention and the dense MLP shared by
 encoder and decoder (`finetune.model.attach_lora`, `LoraSettings()`); no optimizer step. Two paths:
@@ -34,7 +38,13 @@ Cases (--case; none: tiny then vocab):
   train.gradient_checkpointing unless --checkpointing/--no-checkpointing says otherwise. A variant that runs out of
   memory is reported as OOM and the others go on.
 --experts eager,grouped_mm runs lean once per experts implementation (`set_experts_implementation`); stock always
-runs eager, and each lean variant is also given as a ratio to stock eager.
+runs eager, and each lean variant is also given as a ratio to stock eager. --half-products native,fp32 runs lean once
+per way of multiplying half-precision tensors on a CPU (finetune.emulated): native = aten's half kernels (the chunked
+head too: what main ran before the fp32 path), fp32 = what training does on a CPU without native half matmul (the
+head's fp32 tile products, the step inside `fp32_products()`). On a CPU, slice builds the real-width layers in bf16
+(minutes; --keep-experts N of the 128 experts to fit memory), --set KEY=VALUE overrides the recipe (sequence
+lengths), and --profile N prints each variant's top N ops by self CPU time (torch.profiler, the last measured step).
+The step's model FLOPs at this machine's measured fp32 matmul rate are printed beside each CPU step time.
 
 Model FLOPs and MFU (printed for every case, MFU where the card's bf16 dense peak is known; --peak-tflops sets it).
 Model FLOPs count the work a step needs, not recomputation (checkpointing, the lean head's backward):
@@ -103,6 +113,7 @@ class Variant:
     experts: str
     objective: ObjectiveConfig
     compiled: bool = False  # --compile: the text layers through torch.compile (finetune.train.compile_layers)
+    products: str = "default"  # --half-products: native (aten's half kernels everywhere) | fp32 (finetune.emulated)
 
 
 @dataclass
@@ -227,7 +238,25 @@ def set_compiled(model, on: bool) -> None:
         layer._compiled_call_impl = compiled if on else None
 
 
-def one_step(model, work: Workload, variant: Variant, device: str) -> tuple[float, int, int, float]:
+def products(variant: Variant):
+    """The context a variant's step runs in: native = the chunked head's half products in the half dtype and no
+    dispatch mode (main before finetune.emulated); fp32 = the fp32 head and `fp32_products()`; default: as is."""
+    from contextlib import ExitStack
+
+    import finetune.head as head
+    from finetune import emulated
+
+    stack = ExitStack()
+    if variant.products == "native":
+        saved = head.slow_half
+        head.slow_half = lambda device, dtype: False
+        stack.callback(setattr, head, "slow_half", saved)
+    elif variant.products == "fp32":
+        stack.enter_context(emulated.fp32_products())
+    return stack
+
+
+def one_step(model, work: Workload, variant: Variant, device: str, profile: int = 0) -> tuple[float, int, int, float]:
     """(seconds, peak bytes over the baseline, baseline bytes, loss) of one forward + backward."""
     set_experts(model, variant.experts)
     set_compiled(model, variant.compiled)
@@ -235,7 +264,8 @@ def one_step(model, work: Workload, variant: Variant, device: str) -> tuple[floa
         p.grad = None
     base = model.get_base_model()
     autocast = torch.autocast(device, dtype=work.autocast) if work.autocast else nullcontext()
-    with PeakMemory(device) as memory:
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else nullcontext()
+    with PeakMemory(device) as memory, profiler as prof, products(variant):
         start = time.perf_counter()
         with autocast:
             out = diffusion_loss(base, work.batch, variant.objective, work.canvas_length, lean=variant.lean,
@@ -244,12 +274,16 @@ def one_step(model, work: Workload, variant: Variant, device: str) -> tuple[floa
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+    if profile:
+        print(f"\n-- {variant.name}: {seconds:.1f} s, top {profile} ops by self CPU time (under the profiler)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile), flush=True)
     loss = float(out.loss.detach())
     del out
     return seconds, memory.peak, memory.baseline, loss
 
 
-def measure(model, work: Workload, variants: list[Variant], device: str, steps: int, warmup: int) -> dict:
+def measure(model, work: Workload, variants: list[Variant], device: str, steps: int, warmup: int,
+            profile: int = 0) -> dict:
     """Each variant's step, repeated warmup + steps times in rotating order; OOM ends a variant, not the run."""
     runs = {v.name: {"seconds": [], "peak": [], "baseline": [], "loss": None, "oom": False} for v in variants}
     for rep in range(warmup + steps):
@@ -260,7 +294,8 @@ def measure(model, work: Workload, variants: list[Variant], device: str, steps: 
                 continue
             release(device)
             try:
-                seconds, peak, baseline, loss = one_step(model, work, variant, device)
+                seconds, peak, baseline, loss = one_step(model, work, variant, device,
+                                                         profile if rep == warmup + steps - 1 else 0)
             except torch.OutOfMemoryError:
                 run["oom"] = True  # released below, once the exception (and the frames it holds) is gone
             if run["oom"]:
@@ -384,12 +419,17 @@ def lora_model(config: DiffusionGemmaConfig, device: str, dtype: torch.dtype, se
     return model
 
 
-def variants_for(objectives: dict[str, ObjectiveConfig], experts: list[str], compiled: bool = False) -> list[Variant]:
-    """Stock (eager experts) and lean (each experts implementation; with --compile, also compiled), per objective."""
+def variants_for(objectives: dict[str, ObjectiveConfig], experts: list[str], compiled: bool = False,
+                 half_products: list[str] = ("default",), stock: bool = True) -> list[Variant]:
+    """Stock (eager experts) and lean (each experts implementation, each --half-products; with --compile, also
+    compiled), per objective."""
     out = []
     for suffix, objective in objectives.items():
-        out.append(Variant(f"stock eager{suffix}", False, "eager", objective))
-        out += [Variant(f"lean {e}{suffix}", True, e, objective) for e in experts]
+        if stock:
+            out.append(Variant(f"stock eager{suffix}", False, "eager", objective))
+        for h in half_products:
+            label = "" if h == "default" else f" {h} products"
+            out += [Variant(f"lean {e}{label}{suffix}", True, e, objective, products=h) for e in experts]
         if compiled:
             out.append(Variant(f"lean {experts[0]} compiled{suffix}", True, experts[0], objective, compiled=True))
     return out
@@ -403,11 +443,13 @@ def tiny_case(args, device: str) -> tuple[list, str | None]:
     c = config.canvas_length
     batch, tokens = make_batch(32, 3 * c - 1, 4, c, len(tok), len(SPECIALS), tok.eos_token_id, tok.pad_token_id)
     objective = ObjectiveConfig()
-    model = lora_model(config, device, torch.float32)
-    work = Workload("tiny: finetune.tiny config (4 layers, hidden 64), batch 4, prompt 32 + response 23, canvas 8",
+    model = lora_model(config, device, getattr(torch, args.dtype))
+    work = Workload(f"tiny: finetune.tiny config (4 layers, hidden 64, {args.dtype}), batch 4, prompt 32 + response 23, "
+                    "canvas 8",
                     batch, fixed_noise(batch, c, len(tok), objective.t_min), tokens, c, device,
                     checkpointing=bool(args.checkpointing) and set_checkpointing(model, True))
-    return report("tiny", model, work, variants_for({"": objective}, args.experts, args.compile), device, args), None
+    return report("tiny", model, work, variants_for({"": objective}, args.experts, args.compile, args.half_products),
+                  device, args), None
 
 
 def vocab_case(args, device: str) -> tuple[list, str | None]:
@@ -448,7 +490,7 @@ def real_case(args, device: str, case: str) -> tuple[list, str | None]:
 
     config = DiffusionGemmaConfig.from_pretrained(OUT)
     if case == "slice":
-        config = slice_config(config, args.layers)
+        config = slice_config(config, args.layers, **({"num_experts": args.keep_experts} if args.keep_experts else {}))
     text = config.text_config
     c, vocab = config.canvas_length, text.vocab_size
     model = lora_model(config, device, torch.bfloat16, quantization=args.quantization)
@@ -456,7 +498,7 @@ def real_case(args, device: str, case: str) -> tuple[list, str | None]:
                   .values())
     rows = []
     for recipe in args.recipes:
-        cfg = compose([f"recipe={recipe}"])
+        cfg = compose([f"recipe={recipe}", *args.set])
         objective = objective_settings(cfg.objective)
         canvases, bsz = cfg.data.max_response_canvases, cfg.train.batch_size
         prompt, response = cfg.data.max_prompt_tokens, canvases * c - 1  # the longest response: + EOS fills them
@@ -471,8 +513,10 @@ def real_case(args, device: str, case: str) -> tuple[list, str | None]:
             batch, fixed_noise(batch, c, vocab, objective.t_min), tokens, c, device,
             autocast=torch.bfloat16 if cfg.hardware.bf16 else None, checkpointing=checkpointing,
             extra={"recipe": recipe, "weights_gb": weights / GB, "layers": text.num_hidden_layers})
-        got = report(case, model, work, variants_for({"": objective}, args.experts, args.compile), device, args)
-        compare_with_plan(config, recipe, checkpointing, got, args.quantization)
+        variants = variants_for({"": objective}, args.experts, args.compile, args.half_products, args.stock)
+        got = report(case, model, work, variants, device, args)
+        if device == "cuda":
+            compare_with_plan(config, recipe, checkpointing, got, args.quantization)
         rows += got
     return rows, None
 
@@ -522,7 +566,7 @@ def report(case: str, model, work: Workload, variants: list[Variant], device: st
     card, peak = peak_tflops(args.peak_tflops)
     threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
     print(f"\n== {work.label}  [{card}{threads}; median of {args.steps} after {args.warmup} warm-up]", flush=True)
-    runs = measure(model, work, variants, device, args.steps, args.warmup)
+    runs = measure(model, work, variants, device, args.steps, args.warmup, args.profile)
     rows = []
     for v in variants:
         run = runs[v.name]
@@ -550,12 +594,34 @@ def report(case: str, model, work: Workload, variants: list[Variant], device: st
             ratio = f"  {r['peak_gb'] / stock['peak_gb']:.2f}x, {r['seconds'] / stock['seconds']:.2f}x"
         print(f"{r['variant']:32} {r['seconds']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_gb']:8.3f} {r['total_gb']:9.2f} "
               f"{r['tflops']:8.3f} {mfu:>6} {r['loss']:9.4f}{ratio}")
+    if device == "cpu":
+        rate = fp32_matmul_rate()
+        print(f"fp32 matmul rate here: {rate / 1e9:.1f} GFLOP/s; step time / (model FLOPs at that rate):")
+        for r in rows:
+            if "seconds" in r:
+                r["fp32_rate_gflops"] = rate / 1e9
+                r["flop_rate_ratio"] = r["seconds"] / (r["model_flops"] / rate)
+                print(f"  {r['variant']:32} {r['flop_rate_ratio']:8.1f}x")
     per_objective = {f"encoder loss weight {r['encoder_ar_weight']:g}": r["model_flops"] for r in rows}
     flops = ", ".join(f"{v / 1e9:,.1f} GFLOP ({k})" for k, v in per_objective.items())
     print(f"model FLOPs per step: {flops}; active parameters per token "
           f"{rows[0]['active_params_per_token'] / 1e6:,.1f}M (text stack + head)"
           f"{'' if peak else '; MFU n/a: no bf16 peak known for this device (--peak-tflops sets it)'}", flush=True)
     return rows
+
+
+def fp32_matmul_rate(seconds: float = 1.0) -> float:
+    """FLOP/s of an fp32 F.linear at real width (256 rows x 2816 x 2816) on this CPU, best of ~``seconds``."""
+    import torch.nn.functional as F
+
+    a, w = torch.randn(256, 2816), torch.randn(2816, 2816)
+    F.linear(a, w)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        F.linear(a, w)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 256 * 2816 * 2816 / best
 
 
 def main(argv=None) -> int:
@@ -574,15 +640,27 @@ def main(argv=None) -> int:
                              "(slice, full), off (tiny, vocab)")
     parser.add_argument("--compile", action="store_true",
                         help="also run lean with the text layers compiled (train.compile); the compile is not timed")
+    parser.add_argument("--half-products", default="default",
+                        help="comma list of native,fp32: lean once per way of multiplying half tensors on a CPU")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="--case tiny: the weights' dtype")
+    parser.add_argument("--keep-experts", type=int, help="--case slice: keep N of the 128 experts")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--case slice|full: a Hydra override of the recipe (repeatable)")
+    parser.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True,
+                        help="--case slice|full: also run the stock full-logits step")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print each variant's top N ops by self CPU time (its last measured step)")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak, for MFU")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args(argv)
     args.experts = [e.strip() for e in args.experts.split(",") if e.strip()]
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    args.half_products = [h.strip() for h in args.half_products.split(",") if h.strip()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.case in ("slice", "full") and device != "cuda":
-        sys.exit(f"bench/train_step.py: --case {args.case} builds the real 26B architecture in bf16 and needs a "
-                 "CUDA device; on CPU run --case tiny or --case vocab")
+    if args.case == "full" and device != "cuda":
+        sys.exit("bench/train_step.py: --case full builds the real 26B architecture in bf16 and needs a CUDA device; "
+                 "on CPU run --case slice --layers 1 --keep-experts 8, --case tiny or --case vocab")
     require_lean()
     cases = [args.case] if args.case else ["tiny", "vocab"]
     steps_given = args.steps

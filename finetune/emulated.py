@@ -37,3 +37,81 @@ def _native_half(dtype: torch.dtype) -> bool:
 def slow_half(device: torch.device | str, dtype: torch.dtype) -> bool:
     """True when ``dtype`` is bf16 or fp16 and ``device`` is a CPU whose matmuls in it are the generic loop."""
     return torch.device(device).type == "cpu" and dtype in HALF and not _native_half(dtype)
+
+
+aten = torch.ops.aten
+# The products a training step runs, and which of each op's outputs a native half kernel returns in the half dtype
+# (the others, the attention's log-sum-exp, are fp32 either way). Listed from a dispatch trace of a bf16 step of
+# DiffusionGemma on CPU: F.linear and matmul decompose into mm/addmm/bmm before dispatch, the experts run as
+# _grouped_mm (transformers' grouped_mm implementation) or as a loop of F.linear (eager), attention through sdpa's CPU
+# flash kernel, whose inner products are the same generic half loop.
+ROUNDED = {
+    aten.mm.default: (0,),
+    aten.addmm.default: (0,),
+    aten.bmm.default: (0,),
+    aten.baddbmm.default: (0,),
+    aten._grouped_mm.default: (0,),
+    aten._scaled_dot_product_flash_attention_for_cpu.default: (0,),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (0, 1, 2),
+}
+
+
+class Fp32Products(TorchDispatchMode):
+    """Runs each op of ROUNDED whose first operand is a bf16/fp16 CPU tensor on a CPU where that dtype's matmul is
+    slow from its half operands upcast to fp32, and rounds the outputs the native op gives in half precision once to
+    that dtype. Everything else (fp32, GPU tensors, every other op) runs untouched. ``rerouted`` counts the ops it
+    took."""
+
+    def __init__(self):
+        super().__init__()
+        self.rerouted = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rounded = ROUNDED.get(func)
+        first = args[0] if args else None
+        if rounded is None or not isinstance(first, torch.Tensor) or not slow_half(first.device, first.dtype):
+            return func(*args, **kwargs)
+        self.rerouted += 1
+        return in_fp32(func, args, kwargs, first.dtype, rounded)
+
+
+def in_fp32(func, args, kwargs, half: torch.dtype, rounded=(0,)):
+    """``func`` on its ``half`` tensors upcast to fp32, outputs at ``rounded`` cast back to ``half`` (or to the
+    op's out_dtype where it names one): the exact reference the mode's tests compare against."""
+    def up(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype == half else x
+
+    args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
+    target = half
+    names = [a.name for a in func._schema.arguments]
+    if "out_dtype" in names:  # _grouped_mm: multiply in fp32, then round to what was asked for
+        i = names.index("out_dtype")
+        asked = args[i] if i < len(args) else kwargs.get("out_dtype")
+        target = asked or half
+        if i < len(args):
+            args[i] = None
+        else:
+            kwargs.pop("out_dtype", None)
+    out = func(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out.to(target)
+    return type(out)(o.to(target) if i in rounded else o for i, o in enumerate(out))
+
+
+@contextmanager
+def fp32_products(enabled: bool = True):
+    """Half-precision products through fp32 inside the block (`Fp32Products`), when ``enabled``; yields the mode or
+    None. The mode is Python on every op of the block (~5 us each), so callers enable it only where it pays:
+    `wanted`."""
+    if not enabled:
+        yield None
+        return
+    with Fp32Products() as mode:
+        yield mode
+
+
+def wanted(device: torch.device | str, dtypes) -> bool:
+    """Whether a step on ``device`` whose products run in any of ``dtypes`` (the weights', autocast's) needs
+    `fp32_products`: a CPU without native matmul in one of them. False on a GPU and for fp32 runs."""
+    return any(slow_half(device, d) for d in dtypes)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune import checkpointing, checkpoints, distributed
+from finetune import checkpointing, checkpoints, distributed, emulated
 from finetune.canvas import Example, collate
 from finetune.config import CheckpointSettings, TrainSettings
 from finetune.errors import RunStopped
@@ -86,6 +86,21 @@ class DiffusionTrainer(Trainer):
         if args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         return batches, counts
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step (forward and backward) with half-precision products through fp32 on a CPU that has no
+        native bf16/fp16 matmul (finetune.emulated): ~60x faster products there, the same rounding. Nowhere else."""
+        with emulated.fp32_products(self.fp32_products):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    @property
+    def fp32_products(self) -> bool:
+        if not hasattr(self, "_fp32_products"):
+            dtypes = {base_of(self.model).dtype}
+            dtypes |= {torch.bfloat16} if self.args.bf16 else set()
+            dtypes |= {torch.float16} if self.args.fp16 else set()
+            self._fp32_products = emulated.wanted(self.args.device, dtypes)
+        return self._fp32_products
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         noise = inputs.pop("noise", None)
