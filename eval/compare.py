@@ -270,7 +270,19 @@ def compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, ev
             has_adapter: bool = True, data_settings=None, meta: dict | None = None) -> dict:
     """Score the base (adapter disabled) and the adapter on the same inputs; returns a JSON-ready dict and, with
     ``out_dir``, writes report.json, report.md and the plots there. ``pairs`` are (generation prompt, reference,
-    question) from `finetune.data.eval_prompts`."""
+    question) from `finetune.data.eval_prompts`. Half-precision weights on a CPU without native half matmul run
+    their products through fp32 (finetune.emulated), as training does: the 26B model's bf16 experts there ran at
+    ~1 GFLOP/s otherwise."""
+    from finetune import emulated
+
+    device = next(peft_model.parameters()).device
+    with emulated.fp32_products(emulated.wanted(device, {base_of(peft_model).dtype})):
+        return _compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, eval_cfg, out_dir,
+                        has_adapter, data_settings, meta)
+
+
+def _compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, eval_cfg, out_dir, has_adapter,
+             data_settings, meta) -> dict:
     started = time.perf_counter()
     eval_cfg = validate(eval_cfg)
     gen = GenerationSettings(**eval_cfg["generation"])

@@ -114,7 +114,17 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
                         verification = verify.check("adapter", got, reference, ref_dtype,
                                                     "transformers + stock peft PeftModel.from_pretrained")
                     else:
-                        got = verify.reload_logits(stage.path, None, settings.dtype, device, inputs, work)
+                        # a float32 export of a half-precision model: the reference carries its precision's
+                        # rounding (at real width, bf16 against float32 logits differ by more than TOLERANCE alone),
+                        # measured on the reloaded weights in the same process, as cast_cost is the other way round
+                        finer = ref_dtype != "float32" and settings.dtype == "float32"
+                        got = verify.reload_logits(stage.path, None, settings.dtype, device, inputs, work,
+                                                   cast_to=ref_dtype if finer else None)
+                        if finer:
+                            got, cast = ({k: v for k, v in got.items() if k.startswith(p)} for p in ("logits", "cast_"))
+                            cast_cost = verify.max_abs_diff(got, {k: cast[f"cast_{k}"] for k in got})
+                            log(f"export: the reloaded float32 export computed in {ref_dtype} moves its logits by "
+                                f"{cast_cost:.3g}")
                         verification = verify.check("merged", got, reference, merged_precision,
                                                     "DiffusionGemmaForBlockDiffusion.from_pretrained", cast_cost)
                     v = verification

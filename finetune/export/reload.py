@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--inputs", required=True, help="safetensors with ids_<i> and canvas_<i> (long tensors)")
     parser.add_argument("--out", required=True, help="where logits_<i> (float32) are written")
+    parser.add_argument("--cast-to", default=None, choices=("bfloat16", "float16"),
+                        help="then cast the model to this precision and write its logits too (cast_logits_<i>): "
+                             "what the coarser precision of the fine-tuned model costs by itself, on these weights")
     args = parser.parse_args(argv)
 
     import torch
@@ -49,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     device = next(model.parameters()).device
     out = {}
     with torch.no_grad():
-        for i in range(len(inputs) // 2):
-            ids, canvas = inputs[f"ids_{i}"].to(device), inputs[f"canvas_{i}"].to(device)
-            out[f"logits_{i}"] = model(input_ids=ids, decoder_input_ids=canvas).logits.float().cpu()
+        for prefix in ("", "cast_") if args.cast_to else ("",):
+            if prefix:
+                model.to(getattr(torch, args.cast_to))  # in place: no second copy of the weights
+            for i in range(len(inputs) // 2):
+                ids, canvas = inputs[f"ids_{i}"].to(device), inputs[f"canvas_{i}"].to(device)
+                out[f"{prefix}logits_{i}"] = model(input_ids=ids, decoder_input_ids=canvas).logits.float().cpu()
     save_file(out, args.out)
     return 0
 

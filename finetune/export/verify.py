@@ -82,9 +82,10 @@ def reference_logits(model, inputs: dict, dtype: str | None = None) -> dict:
 
 
 def reload_logits(model_path: str, adapter: str | None, dtype: str, device: str, inputs: dict, workdir: str,
-                  revision: str | None = None) -> dict:
+                  revision: str | None = None, cast_to: str | None = None) -> dict:
     """Logits of the written export, loaded in a fresh process with stock transformers (and peft); ``revision``:
-    the hub base's (an adapter export's base loads at the commit the fine-tuned model used)."""
+    the hub base's (an adapter export's base loads at the commit the fine-tuned model used). ``cast_to``: also the
+    logits of the reloaded model cast to that precision (keys cast_logits_<i>)."""
     from safetensors.torch import load_file, save_file
 
     in_path, out_path = os.path.join(workdir, "inputs.safetensors"), os.path.join(workdir, "logits.safetensors")
@@ -95,6 +96,8 @@ def reload_logits(model_path: str, adapter: str | None, dtype: str, device: str,
         cmd += ["--adapter", adapter]
     if revision:
         cmd += ["--revision", str(revision)]
+    if cast_to:
+        cmd += ["--cast-to", cast_to]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from finetune import emulated
 from finetune.canvas import collate, fill_response
 from finetune.config import compose, settings
 from finetune.model import attach_lora, dtype_for, load_model
@@ -73,9 +74,11 @@ def main(overrides):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     self_conditioning = torch.full((batch_size,), cfg.objective.self_conditioning_p > 0)
     started = time.perf_counter()
-    out = diffusion_loss(model.get_base_model(), batch, settings(cfg.objective), c,
-                         generator=torch.Generator().manual_seed(1), self_conditioning=self_conditioning)
-    out.loss.backward()
+    # as the trainer's step runs it: half products through fp32 on a CPU without native half matmul
+    with emulated.fp32_products(emulated.wanted("cpu", {model.get_base_model().dtype})):
+        out = diffusion_loss(model.get_base_model(), batch, settings(cfg.objective), c,
+                             generator=torch.Generator().manual_seed(1), self_conditioning=self_conditioning)
+        out.loss.backward()
     optimizer.step()
     seconds = time.perf_counter() - started  # the step alone (bench/rehearsal.py: its rate against its FLOPs)
     print(json.dumps({"measured": hwm() - base, "predicted": predicted.peak, "seconds": seconds,

@@ -3,6 +3,7 @@ fine-tuned model's logits and tokens; the encoder/decoder tie is kept, refused o
 and for adapters saved by stock peft; the check catches a lost or doubled delta even at bfloat16; a crash mid-write
 leaves nothing that looks complete; the CLI, the model card, README and the playbooks agree with what is written."""
 
+import copy
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import DiffusionGemmaForBlockDiffusion
+from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
 from finetune import export as ex
 from finetune.errors import UserError
@@ -247,6 +248,21 @@ def test_bfloat16_merge_passes_its_check_and_is_written_in_bfloat16(bf16_run):
     with safe_open(os.path.join(result["merged"]["path"], "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.decoder.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
     assert json.load(open(os.path.join(result["merged"]["path"], "config.json")))["dtype"] == "bfloat16"
+
+
+def test_float32_export_of_a_bfloat16_model_is_judged_with_the_precision_it_measured(bf16_run, tmp_path):
+    """A bf16 fine-tuned model exported in float32 (the rehearsal's export at real width: bf16 against float32
+    logits differed by 1.37 there, over bf16's TOLERANCE alone): the reload process measures what computing the
+    reloaded weights in bf16 costs, and the check allows 1.5x that, as it does the other way round."""
+    run_dir, model = bf16_run
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    result = ex.export_run(run_dir, ex.ExportSettings(format="merged", dtype="float32", out=str(tmp_path / "m")),
+                           model=model, tokenizer=AutoTokenizer.from_pretrained(os.path.join(run_dir, "adapter")))
+    v = result["merged"]["verification"]
+    print(v)
+    assert v["precision"] == "bfloat16" and v["cast_cost"] > 0
+    assert v["tolerance"] == max(verify.TOLERANCE["bfloat16"], 1.5 * v["cast_cost"])
+    assert v["max_abs_diff"] <= v["tolerance"]
 
 
 @pytest.mark.parametrize("factor", [0.0, 2.0], ids=["zeroed-delta", "doubled-delta"])
