@@ -17,7 +17,7 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune import checkpoints, distributed, preflight
+from finetune import checkpoints, distributed, preflight, runlock
 from finetune.config import check as check_settings
 from finetune.config import settings
 from finetune.data import eval_prompts, holds_out_of_train, load_splits
@@ -34,6 +34,7 @@ from finetune.train import fit
 
 log = logging.getLogger("finetune")
 HYDRA_FILES = {".hydra", "finetune.log"}  # what Hydra writes into a run directory before the run starts
+UNUSED = HYDRA_FILES | {runlock.NAME}  # what a run directory holds before the run writes anything of its own
 
 
 def training_objective(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
@@ -116,8 +117,9 @@ def check_launch(cfg: DictConfig) -> None:
 
 
 def remove_if_unused(run_dir: str) -> None:
-    """A run that failed before writing anything of its own leaves no directory behind (Hydra's files aside)."""
-    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= HYDRA_FILES:
+    """A run that failed before writing anything of its own leaves no directory behind (Hydra's files and the run's
+    lock aside)."""
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= UNUSED:
         shutil.rmtree(run_dir, ignore_errors=True)
         parent = os.path.dirname(run_dir)  # a multirun sweep directory left with only Hydra's multirun.yaml
         if os.path.isdir(parent) and set(os.listdir(parent)) <= {"multirun.yaml"}:

@@ -22,6 +22,7 @@ from contextlib import ExitStack
 
 from finetune.config import EXPORT_DTYPES as DTYPES  # noqa: F401 (public)
 from finetune.config import EXPORT_FORMATS as FORMATS  # noqa: F401 (public)
+from finetune import runlock
 from finetune.config import ExportSettings
 from finetune.errors import UserError
 from finetune.export import merge, staging, verify
@@ -47,6 +48,7 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
         raise UserError("give exactly one of run_dir=PATH (a run directory written by python -m finetune) and "
                         "adapter=DIR (any saved PEFT adapter for DiffusionGemma)")
     settings.validate()
+    runlock.refuse_if_training(run_dir or adapter, "run_dir=" if run_dir else "adapter=")  # not a moving target
     src: Source = read_run(run_dir) if run_dir is not None else read_adapter(adapter)
     outs = staging.output_dirs(settings, src.export_dir)
     from finetune.model import base_commit, resolve_device, resolve_model_path, tokenizer_for
