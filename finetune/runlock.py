@@ -6,6 +6,9 @@ command pasted twice) would rename the first one's checkpoints aside and race it
 dies, so a file left by a dead process is simply taken over (with a warning when it names a pid of this host that is
 gone). A holder that ends normally empties the file; it is never deleted while held (a deleted lock file would let a
 third process lock a new file beside the first's). Several processes of one launch: rank 0 alone takes it.
+
+fcntl locks belong to a process and a file: closing any descriptor of ``run.lock`` in the holding process drops its
+lock, so nothing but this module opens that file (``held_by_other`` does not look at a lock this process holds).
 """
 
 from __future__ import annotations
