@@ -91,12 +91,9 @@ def guard(path: str, needed_bytes=None, staging: str | list | None = None, kept=
     stagings = [staging] if isinstance(staging, str) else list(staging or [])
     try:
         yield
-    except DiskFull:
-        for s in stagings:
-            remove(s)
-        raise
     except Exception as e:
-        if not is_disk_full(e, path):
+        # an inner guard's DiskFull (a file of the staging) is said again for this path: the one the user knows
+        if not isinstance(e, DiskFull) and not is_disk_full(e, path):
             raise
         written = sum(size(s) for s in stagings)
         for s in stagings:
