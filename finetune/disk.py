@@ -114,8 +114,8 @@ def message(path: str, needed_bytes: int | None, written: int = 0, kept: str | N
         free = f"{human(free_bytes(path))} free"
     except OSError:
         free = "free space unknown"
-    return (f"disk full writing {path}: {need}, {free} there; " + (f"{kept}; " if kept else "")
-            + "nothing half-written was left: free some space and run the same command again")
+    return (f"disk full writing {path}: {need}, {free} there; nothing half-written was left; "
+            + (f"{kept}; free some space first" if kept else "free some space, then run the same command again"))
 
 
 def write_whole(path: str, write, kept: str | None = None) -> None:

@@ -141,7 +141,7 @@ def save_adapter(peft_model, tokenizer, path: str, kept: str | None = None):
 def _kept_checkpoint(root: str) -> str:
     """What a run still has when its adapter or report cannot be written."""
     last = checkpoints.newest_complete(root)
-    return (f"the last sealed checkpoint, {last}, is intact" if last else
+    return (f"the last sealed checkpoint, {last}, is intact: the same command continues from it" if last else
             "no checkpoint was sealed (checkpoint.every sets how often): the training is lost")
 
 
@@ -249,12 +249,15 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         },
         "data": {"train": train_stats.summary(), "eval": eval_stats.summary()},
     }
+    # a full disk from here on: the trained adapter is safe, and the same command would refuse a finished run
+    saved = f"the adapter is saved in {run_dir}/adapter (python -m eval adapter={run_dir}/adapter evaluates it)"
     disk.write_json(os.path.join(run_dir, checkpoints.TRACE), {"losses": losses, "rows": trainer.seen_rows},
-                    kept=f"the adapter is saved in {run_dir}/adapter")
-    plot_loss(losses, logged, os.path.join(run_dir, "loss_curve.png"), train_settings.grad_accum)
+                    kept=saved)
+    with disk.guard(os.path.join(run_dir, "loss_curve.png"), kept=saved):
+        plot_loss(losses, logged, os.path.join(run_dir, "loss_curve.png"), train_settings.grad_accum)
 
     if stopped:  # after the last step: the training is complete and saved; what follows is skipped
-        disk.write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)
+        disk.write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2, kept=saved)
         raise RunStopped(f"{stopped} after the last step: the adapter is saved in {run_dir}/adapter; evaluation and "
                          f"export were skipped (python -m eval adapter={run_dir}/adapter runs the evaluation)",
                          code=128 + trainer.stopped_by)
@@ -274,12 +277,12 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         pairs = eval_prompts(eval_rows, tokenizer, data_settings)
         meta = {"base_model": path, "base_commit": base_commit(model), "base_identity": base_identity(model),
                 "base_weights": weights_note(cfg.model.quantization, cfg.model.quant_type, model.dtype)}
-        metrics["eval"] = compare(peft_model, tokenizer, pairs, eval_ex, objective, canvas_length,
-                                  OmegaConf.to_container(cfg.eval), out_dir=run_dir, data_settings=data_settings,
-                                  meta=meta)
+        with disk.guard(os.path.join(run_dir, "report.json"), kept=saved):
+            metrics["eval"] = compare(peft_model, tokenizer, pairs, eval_ex, objective, canvas_length,
+                                      OmegaConf.to_container(cfg.eval), out_dir=run_dir, data_settings=data_settings,
+                                      meta=meta)
     metrics["seconds_total"] = time.time() - started
-    disk.write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2,
-                    kept=f"the adapter is saved in {run_dir}/adapter")
+    disk.write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2, kept=saved)
     print(summary(metrics, run_dir))
     if cfg.export.format != "none":  # after metrics: a refused or failed export leaves the finished run intact
         from finetune.export import export_at_end_of_run

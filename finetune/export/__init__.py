@@ -143,7 +143,7 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
     return results
 
 
-KEPT = "the source and any earlier export are untouched"
+KEPT = "the source and any earlier export are untouched: the same command exports again"
 MARGIN = 0.05, 64 << 20  # beyond an export's weights: tokenizer, configs, card, filesystem overhead
 
 
