@@ -49,9 +49,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _try_lock(fd: int) -> bool:
+def _try_lock(fd: int, mode: int = fcntl.LOCK_EX) -> bool:
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, mode | fcntl.LOCK_NB)
         return True
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EAGAIN):
@@ -70,11 +70,11 @@ def held_by_other(run_dir: str) -> tuple[str, int] | str | None:
     if os.path.abspath(run_dir) in _held or not os.path.isfile(path):
         return None  # ours (testing it would release it: fcntl locks are the process's, per file)
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)  # a shared lock to test with: a reader needs no write permission
     except OSError:
         return None
     try:
-        if _try_lock(fd):
+        if _try_lock(fd, fcntl.LOCK_SH):
             return None  # closing the descriptor below releases it at once
         return _holder(fd) or ""
     finally:
