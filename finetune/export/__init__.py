@@ -20,9 +20,9 @@ import sys
 import tempfile
 from contextlib import ExitStack
 
+from finetune import disk, runlock
 from finetune.config import EXPORT_DTYPES as DTYPES  # noqa: F401 (public)
 from finetune.config import EXPORT_FORMATS as FORMATS  # noqa: F401 (public)
-from finetune import disk, runlock
 from finetune.config import ExportSettings
 from finetune.errors import UserError
 from finetune.export import merge, staging, verify
@@ -143,7 +143,7 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
     return results
 
 
-KEPT = "the source and any earlier export are untouched: the same command exports again"
+KEPT = "the source and any earlier export are untouched"
 MARGIN = 0.05, 64 << 20  # beyond an export's weights: tokenizer, configs, card, filesystem overhead
 
 
