@@ -135,7 +135,8 @@ def test_two_starts_on_one_directory_one_trains_the_other_is_refused_naming_it(d
     """A scheduler's requeue while the first job still runs, the same command pasted twice: exactly one process
     trains, the other exits 2 naming it (host and pid) before writing anything, and the directory ends with one
     sealed trajectory. a and b differ only in a setting a resume may change, to tell who trained; "together" starts
-    both at once, the others the second once the first has trained a step."""
+    both at once, the others the second once the first has trained a step (the first is then held with SIGSTOP until
+    the second has ended: a quiet machine finished the first's 12 steps before the second's check ran)."""
     import json
     import os
     import socket
@@ -151,8 +152,11 @@ def test_two_starts_on_one_directory_one_trains_the_other_is_refused_naming_it(d
         if i == 0 and start != "together":
             for line in procs[name].stdout:  # the first trains before the second starts
                 if "'loss'" in line:
+                    procs[name].send_signal(signal.SIGSTOP)  # holding the lock, mid-run
                     break
-    outputs = {name: proc.communicate(timeout=300)[0] for name, proc in procs.items()}
+    outputs = {order[1]: procs[order[1]].communicate(timeout=300)[0]}
+    procs[order[0]].send_signal(signal.SIGCONT)
+    outputs[order[0]] = procs[order[0]].communicate(timeout=300)[0]
     codes = {name: proc.returncode for name, proc in procs.items()}
     assert sorted(codes.values()) == [0, 2], (codes, {n: open(tmp_path / f"{n}.err").read()[-2000:] for n in procs})
     winner = next(n for n, code in codes.items() if code == 0)
