@@ -41,6 +41,7 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
 
     from eval.compare import compare, validate
     from eval.report import console_summary
+    from finetune import runlock
     from finetune.cli import show_config, take
     from finetune.config import check, compose, recipe_choice, settings
     from finetune.data import eval_prompts, load_splits
@@ -57,6 +58,8 @@ def evaluate(overrides: list, cfg_mode: str | None) -> dict | None:
     validate(eval_cfg)
     objective_settings(cfg.objective)
     adapter = os.path.abspath(os.path.expanduser(adapter)) if adapter else None
+    if adapter and not cfg_mode:  # the adapter of a run still training is a moving target
+        runlock.refuse_if_training(adapter, "adapter=")
     base = adapter_base(adapter) if adapter else None
     if cfg_mode:
         show_config(overrides, cfg_mode)

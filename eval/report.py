@@ -3,8 +3,9 @@ generations side by side) and PNG plots (loss per t, scores, and the speed/quali
 
 from __future__ import annotations
 
-import json
 import os
+
+from finetune import disk
 
 
 def _plt():
@@ -281,10 +282,8 @@ def write_report(report: dict, out_dir: str) -> list[str]:
     plot_scores(report, os.path.join(out_dir, "scores.png"))
     if report.get("sweep"):
         plot_sweep(report, os.path.join(out_dir, "sweep.png"))
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(markdown(report))
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
+    disk.write_text(os.path.join(out_dir, "report.md"), markdown(report))  # whole or not at all: a full disk
+    disk.write_json(os.path.join(out_dir, "report.json"), report, indent=2, ensure_ascii=False)  # is one line
     return files
 
 

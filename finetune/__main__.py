@@ -3,7 +3,9 @@
 Hydra as its users know it (`@hydra.main`): `-m` sweeps into `multirun/<run_name>-<time>/<job>/`, `hydra.run.dir`
 (or `output_dir`) places a run, `--cfg`, `--info`, `--hydra-help` and tab completion work. Hydra alone would print a
 stack of lines and exit 1 on a typo, and create the run directory first; so every job's overrides are composed and
-checked here before Hydra starts: bad input is one `error:` line, exit code 2, and nothing is written.
+checked here before Hydra starts: bad input is one `error:` line, exit code 2, and nothing is written. A run then
+takes its directory's lock (finetune.runlock) before Hydra writes there: a second start on a directory that another
+process trains in is refused the same way, naming the holder; a sweep's jobs each lock their own directory.
 """
 
 from __future__ import annotations
@@ -20,27 +22,40 @@ from finetune.config import register
 def job(cfg) -> None:
     """One run, in the directory Hydra made for it; a failure before training leaves no directory."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from finetune import runlock
     from finetune.distributed import is_main
     from finetune.errors import run_cli
     from finetune.run import remove_if_unused, run
 
     run_dir = HydraConfig.get().runtime.output_dir
     code = 1
+
+    def body():
+        if is_main():  # a sweep's job locks its own directory here; a single run holds it already (main)
+            runlock.acquire(run_dir)
+        return run(cfg, run_dir) and 0
+
     try:
-        code = run_cli(lambda: run(cfg, run_dir) and 0)
+        code = run_cli(body)
     finally:
         if code and is_main():
-            remove_if_unused(run_dir)
+            remove_if_unused(run_dir)  # while still locked: nobody starts in a directory being removed
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            runlock.release(run_dir)  # the next job of the sweep is another directory; a single run holds to its end
     if code:
         sys.exit(code)
 
 
-def check(argv: list) -> int:
-    """Compose and check every job this command line would start; 0, or 2 after a one-line error."""
+def check(argv: list, claim: bool = False) -> int:
+    """Compose and check every job this command line would start; 0, or 2 after a one-line error. A run directory
+    that another process trains in is refused (nothing is written to check that); with ``claim`` a single run (not
+    -m, not --cfg) then takes its lock, on rank 0 of several processes."""
+    from finetune import runlock
     from finetune.cli import HYDRA_ANSWERS, hydra_flags, jobs, take_cfg
     from finetune.config import compose
-    from finetune.distributed import world_size
+    from finetune.distributed import is_main, world_size
     from finetune.errors import UserError, run_cli
 
     def body():
@@ -70,7 +85,12 @@ def check(argv: list) -> int:
             with open_dict(cfg):
                 del cfg["hydra"]
             OmegaConf.resolve(cfg)
+            locking = run_dir is not None and not cfg_mode and is_main()
+            if locking:  # before the resume decision reads a directory another process is writing
+                runlock.refuse_if_held(run_dir)
             check_run(cfg, run_dir)
+            if locking and claim:
+                runlock.acquire(run_dir)  # held until this process ends: Hydra writes .hydra/ after this
 
     if any(a in HYDRA_ANSWERS or a.startswith(("--shell-completion", "-sc")) for a in argv):
         return 0
@@ -101,7 +121,7 @@ def in_place(argv: list) -> list:
 
 def main(argv: list | None = None) -> int:
     argv = in_place(list(sys.argv[1:] if argv is None else argv))
-    code = check(argv)
+    code = check(argv, claim=True)
     if code:
         return code
     register()

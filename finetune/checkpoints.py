@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+from finetune import disk
 from finetune.config import resume_rule
 from finetune.errors import UserError
 
@@ -65,8 +66,8 @@ def _files(directory: str) -> list[str]:
 
 
 def write_json(path: str, data) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f)
+    """Whole or not at all: a full disk leaves no truncated JSON (finetune.disk)."""
+    disk.write_json(path, data)
 
 
 def seal(directory: str, info: dict) -> None:

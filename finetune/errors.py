@@ -4,7 +4,10 @@ import sys
 
 
 class UserError(Exception):
-    """Something in the user's config, paths or data is wrong; the message says where and what to do."""
+    """Something in the user's config, paths or data is wrong; the message says where and what to do. ``code`` is
+    the exit code (a subclass for what is not bad input, e.g. a full disk (finetune.disk.DiskFull), says 1)."""
+
+    code = 2
 
 
 class RunStopped(Exception):
@@ -17,13 +20,13 @@ class RunStopped(Exception):
 
 
 def run_cli(body) -> int:
-    """Run a command's body: a UserError is one line on stderr and exit code 2, a stopped run its own code, Ctrl-C
-    outside training 130."""
+    """Run a command's body: a UserError is one line on stderr and exit code 2 (a full disk 1), a stopped run its own
+    code, Ctrl-C outside training 130."""
     try:
         return body() or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.code
     except RunStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.code

@@ -4,11 +4,11 @@ a few rendered examples with the supervised span and the EOS fill marked."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
+from finetune import disk
 from finetune.data import DataSettings, Stats, load_splits
 
 SPAN_OPEN, SPAN_CLOSE = "⟦", "⟧"
@@ -83,10 +83,8 @@ def report(settings: DataSettings, train: list, train_stats: Stats, eval_stats: 
 
 
 def write(run_dir: str, text: str, data: dict):
-    with open(os.path.join(run_dir, "preflight.txt"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(run_dir, "preflight.json"), "w") as f:
-        json.dump(data, f, indent=2)
+    disk.write_text(os.path.join(run_dir, "preflight.txt"), text + "\n")
+    disk.write_json(os.path.join(run_dir, "preflight.json"), data, indent=2)
 
 
 def tokenizer_and_canvas(cfg):

@@ -7,6 +7,7 @@ it with, so the two never disagree (the report stage comes after eval in the flo
 from __future__ import annotations
 
 from eval.report import console_verdict
+from finetune import disk
 
 
 def plot_loss(step_losses: list[float], logged: list[dict], path: str, grad_accum: int = 1):
@@ -27,8 +28,10 @@ def plot_loss(step_losses: list[float], logged: list[dict], path: str, grad_accu
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        disk.write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def summary(metrics: dict, run_dir: str) -> str:

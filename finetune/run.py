@@ -7,7 +7,6 @@ written (`check`); the run directory is Hydra's (`hydra.run.dir`, which follows 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune import checkpoints, distributed, preflight
+from finetune import checkpoints, disk, distributed, preflight, runlock
 from finetune.config import check as check_settings
 from finetune.config import settings
 from finetune.data import eval_prompts, holds_out_of_train, load_splits
@@ -34,6 +33,7 @@ from finetune.train import fit
 
 log = logging.getLogger("finetune")
 HYDRA_FILES = {".hydra", "finetune.log"}  # what Hydra writes into a run directory before the run starts
+UNUSED = HYDRA_FILES | {runlock.NAME}  # what a run directory holds before the run writes anything of its own
 
 
 def training_objective(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
@@ -116,22 +116,33 @@ def check_launch(cfg: DictConfig) -> None:
 
 
 def remove_if_unused(run_dir: str) -> None:
-    """A run that failed before writing anything of its own leaves no directory behind (Hydra's files aside)."""
-    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= HYDRA_FILES:
+    """A run that failed before writing anything of its own leaves no directory behind (Hydra's files and the run's
+    lock aside)."""
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= UNUSED:
         shutil.rmtree(run_dir, ignore_errors=True)
         parent = os.path.dirname(run_dir)  # a multirun sweep directory left with only Hydra's multirun.yaml
         if os.path.isdir(parent) and set(os.listdir(parent)) <= {"multirun.yaml"}:
             shutil.rmtree(parent, ignore_errors=True)
 
 
-def save_adapter(peft_model, tokenizer, path: str):
-    """Write the adapter next to its final place, then rename: an interrupted save leaves no half adapter."""
+def save_adapter(peft_model, tokenizer, path: str, kept: str | None = None):
+    """Write the adapter next to its final place, then rename: an interrupted save leaves no half adapter, a full
+    disk none either (finetune.disk.DiskFull; ``kept`` says what the user still has)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    peft_model.get_base_model().generation_config.save_pretrained(tmp)
-    os.replace(tmp, path)
+    needed = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+    with disk.guard(path, needed_bytes=needed, staging=tmp, kept=kept):
+        peft_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        peft_model.get_base_model().generation_config.save_pretrained(tmp)
+        os.replace(tmp, path)
+
+
+def _kept_checkpoint(root: str) -> str:
+    """What a run still has when its adapter or report cannot be written."""
+    last = checkpoints.newest_complete(root)
+    return (f"the last sealed checkpoint, {last}, is intact: the same command continues from it" if last else
+            "no checkpoint was sealed (checkpoint.every sets how often): the training is lost")
 
 
 def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
@@ -182,7 +193,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     if main:  # rank 0 writes the run's files; the others train and leave
         checkpoints.set_aside(decision.set_aside)  # renamed, never deleted: resume=false's old checkpoints, an adapter
-        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
+        disk.write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg))
     distributed.barrier()
     print(f"run directory: {run_dir}" + (f" ({distributed.world_size()} processes, "
                                          f"{distributed.strategy(cfg.distributed.strategy)})"
@@ -218,7 +229,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
                          f"output_dir={run_dir} (resume=auto is the default)", code=128 + trainer.stopped_by)
     if not main:  # evaluation and export run on rank 0 alone: the adapter is complete there
         return {}
-    save_adapter(peft_model, tokenizer, os.path.join(run_dir, "adapter"))
+    save_adapter(peft_model, tokenizer, os.path.join(run_dir, "adapter"), kept=_kept_checkpoint(root))
 
     logged = [e for e in trainer.state.log_history if "loss" in e]
     losses = trainer.step_losses
@@ -238,12 +249,15 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         },
         "data": {"train": train_stats.summary(), "eval": eval_stats.summary()},
     }
-    checkpoints.write_json(os.path.join(run_dir, checkpoints.TRACE), {"losses": losses, "rows": trainer.seen_rows})
-    plot_loss(losses, logged, os.path.join(run_dir, "loss_curve.png"), train_settings.grad_accum)
+    # a full disk from here on: the trained adapter is safe, and the same command would refuse a finished run
+    saved = f"the adapter is saved in {run_dir}/adapter (python -m eval adapter={run_dir}/adapter evaluates it)"
+    disk.write_json(os.path.join(run_dir, checkpoints.TRACE), {"losses": losses, "rows": trainer.seen_rows},
+                    kept=saved)
+    with disk.guard(os.path.join(run_dir, "loss_curve.png"), kept=saved):
+        plot_loss(losses, logged, os.path.join(run_dir, "loss_curve.png"), train_settings.grad_accum)
 
     if stopped:  # after the last step: the training is complete and saved; what follows is skipped
-        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        disk.write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2, kept=saved)
         raise RunStopped(f"{stopped} after the last step: the adapter is saved in {run_dir}/adapter; evaluation and "
                          f"export were skipped (python -m eval adapter={run_dir}/adapter runs the evaluation)",
                          code=128 + trainer.stopped_by)
@@ -263,12 +277,12 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         pairs = eval_prompts(eval_rows, tokenizer, data_settings)
         meta = {"base_model": path, "base_commit": base_commit(model), "base_identity": base_identity(model),
                 "base_weights": weights_note(cfg.model.quantization, cfg.model.quant_type, model.dtype)}
-        metrics["eval"] = compare(peft_model, tokenizer, pairs, eval_ex, objective, canvas_length,
-                                  OmegaConf.to_container(cfg.eval), out_dir=run_dir, data_settings=data_settings,
-                                  meta=meta)
+        with disk.guard(os.path.join(run_dir, "report.json"), kept=saved):
+            metrics["eval"] = compare(peft_model, tokenizer, pairs, eval_ex, objective, canvas_length,
+                                      OmegaConf.to_container(cfg.eval), out_dir=run_dir, data_settings=data_settings,
+                                      meta=meta)
     metrics["seconds_total"] = time.time() - started
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    disk.write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2, kept=saved)
     print(summary(metrics, run_dir))
     if cfg.export.format != "none":  # after metrics: a refused or failed export leaves the finished run intact
         from finetune.export import export_at_end_of_run

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune import checkpointing, checkpoints, distributed, emulated
+from finetune import checkpointing, checkpoints, disk, distributed, emulated
 from finetune.canvas import Example, collate
 from finetune.config import CheckpointSettings, TrainSettings
 from finetune.errors import RunStopped
@@ -186,11 +186,25 @@ class DiffusionTrainer(Trainer):
         return os.path.dirname(self.args.output_dir)  # args.output_dir is <checkpoints>/.staging
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        distributed.barrier()  # every process has written its part (its RNG state) before process 0 seals
-        if self.args.should_save:
-            self._seal_checkpoint(model)
+        """Trainer's files into the staging directory, sealed and renamed into place. A full disk removes the staging
+        and stops the run with one line (finetune.disk.DiskFull, exit 1); the last sealed checkpoint is untouched."""
+        staged = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        with disk.guard(staged, needed_bytes=self._checkpoint_bytes, staging=staged, kept=self._last_sealed):
+            super()._save_checkpoint(model, trial)
+            distributed.barrier()  # every process has written its part (its RNG state) before process 0 seals
+            if self.args.should_save:
+                self._seal_checkpoint(model)
         distributed.barrier()  # and none goes on before the checkpoint is in place
+
+    def _checkpoint_bytes(self) -> int | None:
+        """What a checkpoint takes: the size of the newest one written (None before the first)."""
+        found = checkpoints.listed(self.checkpoint_root)
+        return disk.size(found[0][1]) if found else None
+
+    def _last_sealed(self) -> str:
+        last = checkpoints.newest_complete(self.checkpoint_root)
+        return (f"the last sealed checkpoint, {last}, is intact (the same command continues from it)" if last else
+                "no checkpoint had been sealed before it")
 
     def _seal_checkpoint(self, model):
         name = f"checkpoint-{self.state.global_step}"

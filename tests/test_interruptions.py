@@ -127,3 +127,55 @@ def test_a_signal_after_the_last_step_keeps_the_trained_adapter(default_run, tmp
     assert stopped.value.code == 128 + signal.SIGTERM and "after the last step" in str(stopped.value)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "metrics.json").is_file() and not (tmp_path / "run" / "report.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", ["a_then_b", "b_then_a", "together"])
+def test_two_starts_on_one_directory_one_trains_the_other_is_refused_naming_it(default_run, tmp_path, start):
+    """A scheduler's requeue while the first job still runs, the same command pasted twice: exactly one process
+    trains, the other exits 2 naming it (host and pid) before writing anything, and the directory ends with one
+    sealed trajectory. a and b differ only in a setting a resume may change, to tell who trained; "together" starts
+    both at once, the others the second once the first has trained a step (the first is then held with SIGSTOP until
+    the second has ended: a quiet machine finished the first's 12 steps before the second's check ran)."""
+    import json
+    import os
+    import socket
+
+    env, run = {**default_run[1], **THREADS, "PYTHONUNBUFFERED": "1"}, tmp_path / "run"
+    commands = {"a": command(run, "checkpoint.every=3"), "b": command(run, "checkpoint.every=3", "checkpoint.keep=3")}
+    order = ["b", "a"] if start == "b_then_a" else ["a", "b"]
+    procs, errs = {}, {}
+    for i, name in enumerate(order):
+        errs[name] = open(tmp_path / f"{name}.err", "w+")
+        procs[name] = subprocess.Popen(commands[name], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errs[name],
+                                       text=True)
+        if i == 0 and start != "together":
+            for line in procs[name].stdout:  # the first trains before the second starts
+                if "'loss'" in line:
+                    procs[name].send_signal(signal.SIGSTOP)  # holding the lock, mid-run
+                    break
+    outputs = {order[1]: procs[order[1]].communicate(timeout=300)[0]}
+    procs[order[0]].send_signal(signal.SIGCONT)
+    outputs[order[0]] = procs[order[0]].communicate(timeout=300)[0]
+    codes = {name: proc.returncode for name, proc in procs.items()}
+    assert sorted(codes.values()) == [0, 2], (codes, {n: open(tmp_path / f"{n}.err").read()[-2000:] for n in procs})
+    winner = next(n for n, code in codes.items() if code == 0)
+    loser = next(n for n in procs if n != winner)
+    if start != "together":
+        assert winner == order[0]
+    errs[loser].seek(0)
+    lines = [line for line in errs[loser].read().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert f"is in use by another run (pid {procs[winner].pid} on {socket.gethostname()})" in lines[0]
+    assert not outputs[loser].strip()  # it printed nothing of a run
+
+    names = [os.path.relpath(os.path.join(r, n), run) for r, dirs, files in os.walk(run) for n in dirs + files]
+    assert not [n for n in names if ".replaced-" in n or ".abandoned-" in n or ".old-" in n or n.endswith(
+        (".tmp", ".partial"))], names
+    kept = checkpoints.listed(str(run / "checkpoints"))
+    assert [step for step, _ in kept] == ([12, 9, 6] if winner == "b" else [12, 9])  # the winner's own keep
+    assert all(checkpoints.verify(path) is None for _, path in kept)
+    assert not (run / "checkpoints" / checkpoints.STAGING).exists()
+    assert len(json.loads((run / checkpoints.TRACE).read_text())["losses"]) == 12  # one run's 12 steps, not two
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "metrics.json").is_file()
+    assert (run / "run.lock").read_text() == ""  # released at a clean end

@@ -8,7 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each module's stage; a module may import its own stage or earlier ones. Entry points sit last.
 STAGES = [
-    ["finetune.errors", "finetune.config", "finetune.conf"],
+    ["finetune.errors", "finetune.config", "finetune.conf", "finetune.disk", "finetune.runlock"],  # and what every
+    # writer shares: whole-file writes and the full disk (disk), one process per run directory (runlock)
     ["finetune.cli"],  # the command-line prologue every command shares: config only
     ["finetune.tiny", "finetune.model", "finetune.quantize", "finetune.quantized_load"],  # the model layer: load
     # base, adapter, tokenizer; the tiny architecture; 4-bit frozen weights, and quantising them as they load

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from contextlib import ExitStack
 
+from finetune import disk, runlock
 from finetune.config import EXPORT_DTYPES as DTYPES  # noqa: F401 (public)
 from finetune.config import EXPORT_FORMATS as FORMATS  # noqa: F401 (public)
 from finetune.config import ExportSettings
@@ -47,6 +48,7 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
         raise UserError("give exactly one of run_dir=PATH (a run directory written by python -m finetune) and "
                         "adapter=DIR (any saved PEFT adapter for DiffusionGemma)")
     settings.validate()
+    runlock.refuse_if_training(run_dir or adapter, "run_dir=" if run_dir else "adapter=")  # not a moving target
     src: Source = read_run(run_dir) if run_dir is not None else read_adapter(adapter)
     outs = staging.output_dirs(settings, src.export_dir)
     from finetune.model import base_commit, resolve_device, resolve_model_path, tokenizer_for
@@ -75,6 +77,8 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
         cast_cost = verify.max_abs_diff(cast["finetuned"], reference["finetuned"])
         log(f"export: casting the fine-tuned model to {settings.dtype} moves its logits by {cast_cost:.3g}")
 
+    needed = _needed_bytes(src, plan, settings.dtype, outs)
+    staging.refuse_if_it_cannot_fit(outs, needed)  # 52 GB merged: say so now, not when the disk fills
     results = {}
     with ExitStack() as stack:
         staged = {}
@@ -82,20 +86,23 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
             staged[fmt] = staging.Staged(out)
             stack.callback(staged[fmt].cleanup)
         if "adapter" in staged:
-            for name in src.adapter_files():
-                shutil.copy2(os.path.join(src.adapter_dir, name), staged["adapter"].path)
-            if not os.path.isfile(os.path.join(staged["adapter"].path, "tokenizer_config.json")):
-                tokenizer.save_pretrained(staged["adapter"].path)  # the card's snippet loads it from the adapter
+            with disk.guard(staged["adapter"].out, needed["adapter"], staging=staged["adapter"].path, kept=KEPT):
+                for name in src.adapter_files():
+                    shutil.copy2(os.path.join(src.adapter_dir, name), staged["adapter"].path)
+                if not os.path.isfile(os.path.join(staged["adapter"].path, "tokenizer_config.json")):
+                    tokenizer.save_pretrained(staged["adapter"].path)  # the card's snippet loads it from the adapter
         if plan is not None:
             path = staged["merged"].path
             log(f"export: writing merged {settings.dtype} weights ({'untied' if plan.untied else 'tied'} layout)")
-            merge.write_merged(plan, path, settings.dtype, settings.max_shard_size)
-            tokenizer.save_pretrained(path)
-            if os.path.isfile(os.path.join(src.adapter_dir, "generation_config.json")):
-                shutil.copy2(os.path.join(src.adapter_dir, "generation_config.json"), path)
-            else:
-                base.generation_config.save_pretrained(path)
-            merge.merged_config(base, settings.dtype, plan.untied).save_pretrained(path)  # last: no config, no model
+            with disk.guard(staged["merged"].out, needed["merged"], staging=path, kept=KEPT):
+                merge.write_merged(plan, path, settings.dtype, settings.max_shard_size)
+                tokenizer.save_pretrained(path)
+                if os.path.isfile(os.path.join(src.adapter_dir, "generation_config.json")):
+                    shutil.copy2(os.path.join(src.adapter_dir, "generation_config.json"), path)
+                else:
+                    base.generation_config.save_pretrained(path)
+                # last: no config, no model
+                merge.merged_config(base, settings.dtype, plan.untied).save_pretrained(path)
         merge_note, merge_untied = (plan.note, plan.untied) if plan is not None else (None, False)
         if owned:  # the check loads a second copy: free this one first (52 GB for the real model)
             del model, base, plan
@@ -133,7 +140,8 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
                 card = model_card(fmt, src, stage.out, verification, command,
                                   merge_note if fmt == "merged" else None, settings.dtype,
                                   untied=fmt == "merged" and merge_untied)
-                with open(os.path.join(stage.path, "README.md"), "w") as f:
+                with disk.guard(stage.out, staging=stage.path, kept=KEPT), \
+                        open(os.path.join(stage.path, "README.md"), "w") as f:
                     f.write(card)
                 results[fmt] = {"path": stage.out, "verification": verification}
         for stage in staged.values():
@@ -143,6 +151,19 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
     if settings.push_to_hub:
         _push(results, settings.push_to_hub)
     return results
+
+
+KEPT = "the source and any earlier export are untouched"
+MARGIN = 0.05, 64 << 20  # beyond an export's weights: tokenizer, configs, card, filesystem overhead
+
+
+def _needed_bytes(src: Source, plan, dtype: str, outs: dict) -> dict:
+    """{format: bytes} each export will take, a margin included: the merged weights at the export dtype
+    (merge.merged_bytes), the adapter's files."""
+    weights = {"adapter": sum(disk.size(os.path.join(src.adapter_dir, n)) for n in src.adapter_files())}
+    if plan is not None:
+        weights["merged"] = merge.merged_bytes(plan, dtype)
+    return {fmt: int(weights[fmt] * (1 + MARGIN[0]) + MARGIN[1]) for fmt in outs}
 
 
 def _empty_cache():
@@ -189,6 +210,6 @@ def export_at_end_of_run(run_dir: str, cfg, peft_model, tokenizer, device: str) 
     command = "python -m finetune " + shlex.join(_job_overrides())
     try:
         return export_run(run_dir, settings, peft_model, tokenizer, command=command, device=device)
-    except UserError as e:
-        raise UserError(f"{e} (the run itself is complete: adapter and metrics are in {run_dir}; export again with "
+    except UserError as e:  # a full disk stays one (exit code 1)
+        raise type(e)(f"{e} (the run itself is complete: adapter and metrics are in {run_dir}; export again with "
                         f"python -m finetune.export run_dir={run_dir} ...)") from None

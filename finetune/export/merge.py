@@ -121,6 +121,15 @@ def merge_plan(peft_model, untie: bool = False) -> MergePlan:
     return MergePlan(dict(state), dict(loras), untied=True, note=note, differing=differing)
 
 
+def merged_bytes(plan: MergePlan, dtype: str) -> int:
+    """The size of the merged weights at ``dtype``: every tensor written, floating ones cast (52 GB for the 26B model
+    in bfloat16; twice the text weights when untied)."""
+    import torch
+
+    width = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return sum(t.numel() * (width if t.is_floating_point() else t.element_size()) for t in plan.tensors.values())
+
+
 def write_merged(plan: MergePlan, directory: str, dtype: str, max_shard_size="5GB") -> dict:
     """Shards of merged weights (one shard in memory at a time), then the index. Returns the index."""
     import torch

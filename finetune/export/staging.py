@@ -1,13 +1,14 @@
-"""Where an export is written, and how: ``<out>.tmp-XXXX`` renamed to ``<out>`` only when complete, and files that
-exist only whole (shards and JSON written under ``.partial`` names, then renamed)."""
+"""Where an export is written, and how: ``<out>.tmp-XXXX`` renamed to ``<out>`` only when complete, files that exist
+only whole (shards and JSON written under ``.partial`` names, then renamed: finetune.disk), and whether the disk has
+room for it before anything is written."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 
+from finetune import disk
 from finetune.config import ExportSettings
 from finetune.errors import UserError
 
@@ -43,16 +44,30 @@ def write_shard(tensors: dict, path: str):
     """One shard under a temporary name, then renamed: a shard file that exists is whole."""
     from safetensors.torch import save_file
 
-    partial = path + ".partial"
-    save_file(tensors, partial, metadata={"format": "pt"})
-    os.replace(partial, path)
+    disk.write_whole(path, lambda partial: save_file(tensors, partial, metadata={"format": "pt"}))
 
 
 def write_json(obj, path: str):
-    with open(path + ".partial", "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".partial", path)
+    disk.write_json(path, obj, indent=2, sort_keys=True)
+
+
+def refuse_if_it_cannot_fit(outs: dict, needed: dict) -> None:
+    """Before anything is written: each export's known size (``needed``: {format: bytes}, a margin included) against
+    the free space of the filesystem it goes to; exports on one filesystem add up. Refused as disk.DiskFull."""
+    by_device: dict = {}
+    for fmt, out in outs.items():
+        parent = os.path.dirname(out)
+        while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)
+        by_device.setdefault(os.stat(parent).st_dev, []).append(fmt)
+    for fmts in by_device.values():
+        total = sum(needed.get(f, 0) for f in fmts)
+        free = disk.free_bytes(outs[fmts[0]])
+        if total > free:
+            what = " and ".join(f"{f} {disk.human(needed.get(f, 0))}" for f in fmts)
+            raise disk.DiskFull(f"not enough disk space for the export at {outs[fmts[0]]}: {disk.human(total)} "
+                                f"needed ({what}, a margin included), {disk.human(free)} free there; nothing was "
+                                "written: free some space, or pass out=<a directory on a larger disk>")
 
 
 def output_dirs(settings: ExportSettings, default: str) -> dict:

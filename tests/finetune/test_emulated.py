@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_lora import randomise_lora
 from test_objective import C, batch_of
 
