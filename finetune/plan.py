@@ -247,12 +247,23 @@ def _weight_parts(model, quantization: str) -> dict[str, int]:
     return parts
 
 
-def _largest_stored_tensor(model, config) -> int:
-    """Bytes of the largest weight as the checkpoint stores it (config.dtype; the 26B's fused expert gate_up of one
-    layer: 1.0 GB in bf16): finetune.model.load_model reads each tensor whole before converting or placing it."""
-    stored = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
-    largest = max((p.numel() for n, p in model.get_base_model().named_parameters() if "lora_" not in n), default=0)
-    return largest * stored.itemsize
+def _stored_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32").replace("torch.", ""))
+
+
+def _converted_tensor(model, stored: torch.dtype, dtype: torch.dtype, quantization: str) -> int:
+    """Bytes (as stored) of the largest weight finetune.model.load_model reads whole and then converts into memory
+    of its own: any weight when the run's dtype is not the checkpoint's, else the experts it quantises (the 26B's
+    fused gate_up of one layer: 1.0 GB in bf16). A weight kept as stored is the memory it was read into."""
+    base = model.get_base_model()
+    if dtype == stored and quantization == "none":
+        return 0
+    names = [n for n, _ in base.named_parameters() if "lora_" not in n]
+    if dtype == stored:
+        names = [n for n in names if ".experts." in n]
+    params = dict(base.named_parameters())
+    return max((params[n].numel() for n in names), default=0) * stored.itemsize
 
 
 def _largest_layer_weights(model) -> int:
@@ -354,6 +365,7 @@ def plan(cfg: DictConfig, turns: int = 1) -> Plan:
     if device == "auto":
         device = "cpu" if hardware.profile == "cpu" else "cuda"
     config = model_config(settings(cfg.model))
+    stored = _stored_dtype(config)  # before the meta model takes the run's dtype into the config
     dtype = dtype_for(cfg.model.dtype, device)
     lora = settings(cfg.lora)
     model = _meta_model(config, dtype, lora, cfg.model.attn_implementation)  # eager keeps every score matrix
@@ -418,12 +430,12 @@ def plan(cfg: DictConfig, turns: int = 1) -> Plan:
                          "one layer recomputed and differentiated" if checkpointing else
                          "none above forward's: each layer's saved tensors are freed as its gradients are made"))
 
-    if device == "cpu":  # the load's own peak: every weight in place and the largest tensor read but not yet placed
-        in_flight = _largest_stored_tensor(model, config)
+    in_flight = _converted_tensor(model, stored, dtype, quantization)
+    if device == "cpu" and in_flight:  # the load's own peak: the weights and one tensor read but not yet converted
         beyond = in_flight - sum(b for name, b, _ in result.parts[weights_parts:])
         result.parts.append(("loading: one tensor in flight", max(0, beyond),
-                             f"the largest checkpoint tensor ({in_flight / 1e9:.2f} GB as stored), read whole, at the "
-                             "end of the load; counted beyond the step's own activations and buffers"))
+                             f"the largest tensor the load converts ({in_flight / 1e9:.2f} GB as stored, read whole), "
+                             "counted beyond the step's own activations and buffers"))
 
     result.memory, result.memory_source = _memory(hardware, device)
     result.capacity = None if result.memory is None else int(result.memory * (1 - cfg.plan.headroom))
