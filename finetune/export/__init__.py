@@ -134,6 +134,7 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
                                 f"{cast_cost:.3g}")
                         verification = verify.check("merged", got, reference, merged_precision,
                                                     "DiffusionGemmaForBlockDiffusion.from_pretrained", cast_cost)
+                        verification["cast_of"] = "reloaded" if finer else "fine-tuned"
                     v = verification
                     log(f"export: {fmt} reloads to max |logit diff| {v['max_abs_diff']:.3g} (tolerance "
                         f"{v['tolerance']:.3g}; adapter effect {v['adapter_effect']:.3g})")

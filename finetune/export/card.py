@@ -133,8 +133,8 @@ def model_card(kind: str, src: Source, path: str, verification: dict | None, com
                   f"{verification['max_abs_diff']:.3g} (tolerance {verification['tolerance']:.3g}, "
                   f"{verification['precision']}); the adapter itself moves those logits by up to "
                   f"{verification['adapter_effect']:.3g} from the base."
-                  + (f" Casting the fine-tuned model to {verification['precision']} alone moves them by "
-                     f"{verification['cast_cost']:.3g}." if verification.get("cast_cost") is not None else "")
+                  + (f" {_cast_subject(verification)} alone moves them by {verification['cast_cost']:.3g}."
+                     if verification.get("cast_cost") is not None else "")
                   + "\n"]
     else:
         parts += ["## Export verification\n", "Not verified (exported with verify=false).\n"]
@@ -154,3 +154,10 @@ def model_card(kind: str, src: Source, path: str, verification: dict | None, com
                   "checkpoint's:\n",
                   "```bash\n" + vllm_command(path, src.canvas_length) + "\n```\n"]
     return "\n".join(parts)
+
+
+def _cast_subject(verification: dict) -> str:
+    """What the check's precision allowance was measured on (finetune.export: one side or the other)."""
+    if verification.get("cast_of") == "reloaded":
+        return f"Computing these float32 weights in {verification['precision']} (the fine-tuned model's precision)"
+    return f"Casting the fine-tuned model to {verification['precision']}"

@@ -263,6 +263,8 @@ def test_float32_export_of_a_bfloat16_model_is_judged_with_the_precision_it_meas
     assert v["precision"] == "bfloat16" and v["cast_cost"] > 0
     assert v["tolerance"] == max(verify.TOLERANCE["bfloat16"], 1.5 * v["cast_cost"])
     assert v["max_abs_diff"] <= v["tolerance"]
+    card = open(os.path.join(result["merged"]["path"], "README.md")).read()
+    assert "Computing these float32 weights in bfloat16 (the fine-tuned model's precision) alone moves" in card
 
 
 @pytest.mark.parametrize("factor", [0.0, 2.0], ids=["zeroed-delta", "doubled-delta"])
