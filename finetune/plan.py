@@ -252,18 +252,12 @@ def _stored_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32").replace("torch.", ""))
 
 
-def _converted_tensor(model, stored: torch.dtype, dtype: torch.dtype, quantization: str) -> int:
-    """Bytes (as stored) of the largest weight finetune.model.load_model reads whole and then converts into memory
-    of its own: any weight when the run's dtype is not the checkpoint's, else the experts it quantises (the 26B's
-    fused gate_up of one layer: 1.0 GB in bf16). A weight kept as stored is the memory it was read into."""
+def _tensor_in_flight(model, stored: torch.dtype) -> int:
+    """Bytes (as stored) of the largest weight: finetune.model.load_model reads each tensor whole into memory of its
+    own (safetensors' pread) before transformers converts or copies it into place (the 26B's embedding table, 1.48
+    GB in bf16). Measured at real width (bench/RESULTS.md): bf16 5.56 GB through memory maps, 6.20 GB streamed."""
     base = model.get_base_model()
-    if dtype == stored and quantization == "none":
-        return 0
-    names = [n for n, _ in base.named_parameters() if "lora_" not in n]
-    if dtype == stored:
-        names = [n for n in names if ".experts." in n]
-    params = dict(base.named_parameters())
-    return max((params[n].numel() for n in names), default=0) * stored.itemsize
+    return max((p.numel() for n, p in base.named_parameters() if "lora_" not in n), default=0) * stored.itemsize
 
 
 def _largest_layer_weights(model) -> int:
@@ -430,12 +424,12 @@ def plan(cfg: DictConfig, turns: int = 1) -> Plan:
                          "one layer recomputed and differentiated" if checkpointing else
                          "none above forward's: each layer's saved tensors are freed as its gradients are made"))
 
-    in_flight = _converted_tensor(model, stored, dtype, quantization)
-    if device == "cpu" and in_flight:  # the load's own peak: the weights and one tensor read but not yet converted
+    if device == "cpu":  # the load's own peak: the weights and one tensor read but not yet in place
+        in_flight = _tensor_in_flight(model, stored)
         beyond = in_flight - sum(b for name, b, _ in result.parts[weights_parts:])
         result.parts.append(("loading: one tensor in flight", max(0, beyond),
-                             f"the largest tensor the load converts ({in_flight / 1e9:.2f} GB as stored, read whole), "
-                             "counted beyond the step's own activations and buffers"))
+                             f"the largest tensor ({in_flight / 1e9:.2f} GB as stored), read whole before it is put "
+                             "in place; counted beyond the step's own activations and buffers"))
 
     result.memory, result.memory_source = _memory(hardware, device)
     result.capacity = None if result.memory is None else int(result.memory * (1 - cfg.plan.headroom))
