@@ -167,6 +167,7 @@ def step_flops(base: str, overrides: list) -> float:
 
 def reload_child(merged: str, adapter: str, base: str) -> None:
     """Fresh process: stock loads of the export, float32, compared on the export check's fixed inputs."""
+    import ctypes
     import gc
 
     import torch
@@ -181,6 +182,9 @@ def reload_child(merged: str, adapter: str, base: str) -> None:
     merged_logits = model_logits(model.eval(), inputs)
     del model
     gc.collect()
+    # the merged copy's memory back before the base loads (stock float32 loads map the bf16 base file as well: the
+    # phase peaked at 15.3 GB at 2 layers)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     model = PeftModel.from_pretrained(DiffusionGemmaForBlockDiffusion.from_pretrained(base, dtype=torch.float32),
                                       adapter).eval()
     adapted = model_logits(model, inputs)
