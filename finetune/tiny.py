@@ -28,12 +28,15 @@ END_OF_TURN = "<turn|>"
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
     """A character-level tokenizer with DiffusionGemma's special tokens (pad 0, eos 1, bos 2, as in Gemma) and
-    its released chat template (the copy TRL ships), so the data path runs on the real markup."""
+    its released chat template (the copy TRL ships), so the data path runs on the real markup. ``vocab_size``: pad
+    the vocabulary with ``<unused_N>`` entries to that many ids (as Gemma's own vocabulary holds unused ones; no text
+    encodes to them), for a stand-in of the real tokenizer's size."""
     from trl.chat_template_utils import diffusion_gemma_chat_template
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + MARKUP + CHARS)}
+    vocab.update({f"<unused_{i}>": len(vocab) + i for i in range(max(0, (vocab_size or 0) - len(vocab)))})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
