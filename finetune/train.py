@@ -413,12 +413,14 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
         with open(os.path.join(resume_from, checkpoints.TRACE)) as f:
             trace = json.load(f)
         trainer.step_losses, trainer.seen_rows = trace["losses"], trace["rows"]
+    trained = False
     try:
         if checkpoint is None:
             trainer.train()
         else:
             with stop:
                 trainer.train(resume_from_checkpoint=resume_from)
+        trained = True
     except GuardTripped as e:
         last = checkpoints.newest_complete(output_dir)
         kept = (f"the last good checkpoint is {last} (intact: the same command with output_dir="
@@ -427,8 +429,11 @@ def fit(model, examples, settings: TrainSettings, objective: ObjectiveConfig, ca
         raise RunStopped(f"{e}; training stopped before the optimizer step, so nothing was updated with it; {kept}",
                          code=1) from None
     finally:
-        if checkpoint is not None and distributed.is_main():
-            checkpoints.clean_staging(output_dir)
+        if checkpoint is not None:
+            if trained:  # the end of Trainer.train globs the staging directory on every process: process 0 removing
+                distributed.barrier()  # it meanwhile failed another's scandir (FileNotFoundError: .../.staging)
+            if distributed.is_main():
+                checkpoints.clean_staging(output_dir)
     if distributed.any_true(stop.signum is not None):  # a signal one process alone caught stops them all
         stop.signum = stop.signum or signal.SIGTERM
     trainer.stopped_by = stop.signum

@@ -59,7 +59,10 @@ def runs(default_run, tmp_path_factory):
     env = {**env, "OMP_NUM_THREADS": "1"}
     single = launch(env, tmp / "single", "train.batch_size=16", processes=1)
     assert single.returncode == 0, single.stderr[-3000:]
-    two = launch(env, tmp / "two", "train.batch_size=8")
+    # process 1 held inside the end of Trainer.train's glob of the staging directory (tests/hooks/sitecustomize.py):
+    # process 0 must wait for it before removing that directory
+    hooked = {**env, "PYTHONPATH": os.path.join(ROOT, "tests", "hooks")}
+    two = launch(hooked, tmp / "two", "train.batch_size=8")
     assert two.returncode == 0, two.stderr[-3000:]
     return tmp, env, two
 
