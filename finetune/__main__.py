@@ -48,10 +48,11 @@ def job(cfg) -> None:
         sys.exit(code)
 
 
-def check(argv: list, claim: bool = False) -> int:
+def check(argv: list, claim: bool = False, claimed: list | None = None) -> int:
     """Compose and check every job this command line would start; 0, or 2 after a one-line error. A run directory
     that another process trains in is refused (nothing is written to check that); with ``claim`` a single run (not
-    -m, not --cfg) then takes its lock, on rank 0 of several processes."""
+    -m, not --cfg) then takes its lock, on rank 0 of several processes, and appends the directory as the command
+    line would name it to ``claimed``."""
     from finetune import runlock
     from finetune.cli import HYDRA_ANSWERS, hydra_flags, jobs, take_cfg
     from finetune.config import compose
@@ -77,7 +78,8 @@ def check(argv: list, claim: bool = False) -> int:
 
         for overrides_of_job in jobs(overrides, multirun):
             cfg = compose(overrides_of_job, return_hydra_config=True)
-            run_dir = None if multirun else os.path.abspath(str(cfg.hydra.run.dir))
+            named = str(cfg.hydra.run.dir)  # output_dir as resolved now (its ${now:...} read once)
+            run_dir = None if multirun else os.path.abspath(named)
             sweep_dir = os.path.abspath(str(cfg.hydra.sweep.dir))
             if multirun and os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
                 raise UserError(f"hydra.sweep.dir={sweep_dir} already holds runs: choose another (nothing "
@@ -91,6 +93,8 @@ def check(argv: list, claim: bool = False) -> int:
             check_run(cfg, run_dir)
             if locking and claim:
                 runlock.acquire(run_dir)  # held until this process ends: Hydra writes .hydra/ after this
+                if claimed is not None:
+                    claimed.append(named)
 
     if any(a in HYDRA_ANSWERS or a.startswith(("--shell-completion", "-sc")) for a in argv):
         return 0
@@ -119,11 +123,25 @@ def in_place(argv: list) -> list:
     return argv if given & {"output_dir", "hydra.run.dir"} else argv + [f"output_dir={run}"]
 
 
+def hydra_value(text: str) -> str:
+    """``text`` as one value of a Hydra override: as it is when Hydra reads it back unchanged, quoted otherwise."""
+    import re
+
+    if re.fullmatch(r"[\w./\-]+", text):
+        return text
+    return "'" + text.replace("'", "\\'") + "'"
+
+
 def main(argv: list | None = None) -> int:
     argv = in_place(list(sys.argv[1:] if argv is None else argv))
-    code = check(argv, claim=True)
+    claimed = []
+    code = check(argv, claim=True, claimed=claimed)
     if code:
         return code
+    if claimed and not any(a.split("=", 1)[0].lstrip("+~") in ("output_dir", "hydra.run.dir") for a in argv):
+        # the default directory is named by the clock (${now:...}), which Hydra reads again: a second later the run
+        # would go to another directory than the one locked, and leave that one behind with only its lock
+        argv = argv + [f"output_dir={hydra_value(claimed[0])}"]
     register()
     modes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--cfg", "-c")]
     if modes and modes[-1] in ("job", "all") and "--resolve" not in argv:  # hydra alone cannot resolve ${output_dir}

@@ -116,6 +116,42 @@ def test_a_run_holds_its_lock_from_before_hydra_writes_and_a_second_start_meanwh
     assert seen["unchanged"]
 
 
+def test_the_default_directory_named_by_the_clock_is_the_one_locked_and_run_in(tmp_path, monkeypatch):
+    """output_dir's default is outputs/<run_name>-<time to the second>, and Hydra reads the clock again after the
+    check has locked the directory: held here across a second boundary between the two, the run must still go to
+    the directory it locked, and leave no other behind (CI once found outputs/ holding an empty locked directory)."""
+    import time
+
+    import finetune.__main__ as entry
+
+    seen = []
+
+    def stand_in(cfg, run_dir):
+        seen.append((os.path.abspath(run_dir), sorted(runlock._held)))
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            f.write("{}")
+        return {}
+
+    def register_then_tick(register=entry.register):
+        register()
+        start = int(time.time())
+        while int(time.time()) == start:  # the next second: Hydra's ${now:...} now names another directory
+            time.sleep(0.01)
+
+    monkeypatch.setattr(run_module, "run", stand_in)
+    monkeypatch.setattr(entry, "register", register_then_tick)
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["train.max_steps=1"]) == 0
+    finally:
+        for held in list(runlock._held):
+            runlock.release(held)
+    [(run_dir, held)] = seen
+    assert held == [run_dir]
+    assert os.listdir(tmp_path / "outputs") == [os.path.basename(run_dir)]
+
+
 def test_each_job_of_a_sweep_locks_its_own_directory(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     held = []
