@@ -288,7 +288,7 @@ def main(argv=None) -> int:
 
         if "eval" in only:
             must("eval", [py, "-m", "eval", *common, "model.dtype=bfloat16", f"adapter={reference}/adapter",
-                          f"out={work}/eval", "eval.benchmark=null", "eval.max_examples=2", "eval.samples=2",
+                          f"out={work}/eval", "eval.benchmark=null", "eval.max_examples=2", "eval.samples.shown=2",
                           "eval.loss_t=[0.5]", "eval.loss_batches=1", "eval.generation.max_new_tokens=32",
                           "eval.generation.max_denoising_steps=4", "eval.generation.batch_size=2"], env, rows)
             report = json.load(open(os.path.join(work, "eval", "report.json")))

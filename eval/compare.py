@@ -293,7 +293,7 @@ def _compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, e
         objective=objective, canvas_length=canvas_length, pad_id=tokenizer.pad_token_id,
         t_values=tuple(eval_cfg["loss_t"]), batches=eval_cfg["loss_batches"], seed=gen.seed,
     )
-    n_samples = eval_cfg["samples"]
+    n_samples = eval_cfg["samples"]["shown"]
     peft_model.eval()
     heldout = heldout_set(pairs, examples, eval_cfg)
     gen, limit = sized(gen, heldout.examples, canvas_length, max_canvases, model_limit)

@@ -362,6 +362,25 @@ class GenerationSettings:
 
 
 @dataclass
+class SampleSettings:
+    """Answers shown: side by side in report.md, and while training (off until ``every`` is set)."""
+
+    shown: int = 10  # generations shown side by side in report.md (report.json keeps all)
+    # while training: answers to the first `prompts` held-out prompts every N optimizer steps (and at the last),
+    # same sampler and starting noise each time, to <run>/samples.jsonl and TensorBoard's text tab; null: off
+    every: Optional[int] = None
+    prompts: int = 4
+
+    def __post_init__(self):
+        if self.shown < 0:
+            raise UserError(f"eval.samples.shown={self.shown}: give 0 or more generations to show")
+        if self.every is not None and self.every < 1:
+            raise UserError(f"eval.samples.every={self.every}: give a number of steps (1 or more), or null for off")
+        if self.prompts < 1:
+            raise UserError(f"eval.samples.prompts={self.prompts}: give 1 or more held-out prompts")
+
+
+@dataclass
 class BenchmarkSettings:
     """A second, named data set scored the same way, to catch what the adapter broke; off while source is null.
     (Off rather than a null block: Hydra cannot merge eval.benchmark={...} from the command line into a null.)"""
@@ -394,7 +413,7 @@ class EvalSettings:
     loss_t: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # fixed noise levels (comparable)
     loss_batches: int = 4  # batches of 16 held-out examples per noise level
     scorers: List[str] = field(default_factory=lambda: ["exact_match"])  # first is the headline; exact_match, numeric
-    samples: int = 10  # generations shown side by side in report.md (report.json keeps all)
+    samples: SampleSettings = field(default_factory=SampleSettings)
     regression_tolerance: float = 0.02  # a score change counts above this and 2 paired standard errors
     speed_tolerance: float = 0.1  # adapter tokens per forward more than 10% below base counts as "slower"
     zero_delta_tolerance: float = 1e-8  # a LoRA delta norm at or below this counts as zero ("adapter changed nothing")

@@ -36,6 +36,33 @@ HYDRA_FILES = {".hydra", "finetune.log"}  # what Hydra writes into a run directo
 UNUSED = HYDRA_FILES | {runlock.NAME}  # what a run directory holds before the run writes anything of its own
 
 
+def samples_while_training(cfg: DictConfig, tokenizer, eval_rows, eval_ex, data_settings, canvas_length: int,
+                           run_dir: str, model, resumed_from: str | None, strategy: str) -> list:
+    """[the eval.samples.every callback] (eval/samples.py), or [] when it is off or cannot run here."""
+    every = cfg.eval.samples.every
+    if not every:
+        return []
+    if strategy == "fsdp":  # generation on process 0 alone would need the base's shards from every process
+        print("eval.samples.every: off under FSDP (the sharded base needs every process to generate); the "
+              "evaluation at the end still shows the answers")
+        return []
+    from eval.generation import GenerationSettings
+    from eval.samples import Samples
+    from eval.sets import heldout_set
+
+    count = int(cfg.eval.samples.prompts)
+    pairs = eval_prompts(eval_rows, tokenizer, data_settings)[:count]
+    if not pairs:
+        raise UserError("eval.samples.every is set but the held-out data has no usable prompt: set data.eval or "
+                        "data.eval_fraction, or eval.samples.every=null")
+    heldout = heldout_set(pairs, eval_ex, {"max_examples": count, "scorers": list(cfg.eval.scorers)})
+    gen = GenerationSettings(**OmegaConf.to_container(cfg.eval.generation, resolve=True))
+    resumed_step = int(os.path.basename(resumed_from).rsplit("-", 1)[1]) if resumed_from else 0
+    return [Samples(tokenizer, heldout, gen, every, run_dir, canvas_length, data_settings.max_response_canvases,
+                    getattr(model.generation_config, "max_new_tokens", None), resumed_step,
+                    tensorboard="tensorboard" in settings(cfg.train).report_to_list())]
+
+
 def training_objective(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
     """The objective settings, and whether the LoRA placement can train them."""
     objective = objective_settings(cfg.objective, tokenizer)
@@ -214,12 +241,14 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     print(f"model: {path} | canvas {canvas_length} | LoRA trainable {trainable:,} of {total:,} parameters")
 
     train_settings = settings(cfg.train)
+    callbacks = samples_while_training(cfg, tokenizer, eval_rows, eval_ex, data_settings, canvas_length, run_dir,
+                                       model, decision.checkpoint, strategy)
     t0 = time.time()
     root = os.path.join(run_dir, checkpoints.CHECKPOINTS)
     trainer = fit(peft_model, train_ex, train_settings, objective, canvas_length, tokenizer.pad_token_id, root,
                   bf16=cfg.hardware.bf16, use_cpu=device == "cpu", log_dir=os.path.join(run_dir, "tensorboard"),
                   checkpoint=settings(cfg.checkpoint), resume_from=decision.checkpoint,
-                  run_config=OmegaConf.to_container(cfg, resolve=True), strategy=strategy)
+                  run_config=OmegaConf.to_container(cfg, resolve=True), strategy=strategy, callbacks=callbacks)
     train_seconds = time.time() - t0
     stopped = signal.Signals(trainer.stopped_by).name if trainer.stopped_by else None
     if stopped and trainer.state.global_step < train_settings.max_steps:

@@ -26,7 +26,7 @@ GEN = dict(max_new_tokens=8, max_denoising_steps=4, entropy_bound=0.1, t_max=0.8
 
 def eval_cfg(**extra):
     return {**dict(max_examples=6, loss_t=[0.1, 0.5, 0.9], loss_batches=1, scorers=["exact_match", "numeric"],
-                   samples=4, generation=dict(GEN), benchmark=None, sweep=None), **extra}
+                   samples=dict(shown=4), generation=dict(GEN), benchmark=None, sweep=None), **extra}
 
 
 @pytest.fixture(scope="module")
