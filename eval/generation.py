@@ -41,7 +41,13 @@ class Generation:
     batch: int = 0  # index of the generate() call (rows of one batch share its seconds)
 
 
-def _cut(text: str, stops: list[str]) -> str:
+def stops_of(tokenizer) -> list[str]:
+    """Where an answer ends in the decoded text: the tokenizer's end of sequence and the end-of-turn markers."""
+    return [t for t in (tokenizer.eos_token, "<end_of_turn>", "<turn|>") if t]
+
+
+def cut(text: str, stops: list[str]) -> str:
+    """The answer as the evaluation keeps it: up to the first of ``stops``, stripped."""
     for stop in stops:
         i = text.find(stop)
         if i >= 0:
@@ -124,7 +130,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     """
     base = base_of(model)
     device = next(base.parameters()).device
-    stops = [t for t in (tokenizer.eos_token, "<end_of_turn>", "<turn|>") if t]
+    stops = stops_of(tokenizer)
     eos_ids = base.generation_config.eos_token_id
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
     pad_id = base.generation_config.pad_token_id
@@ -150,7 +156,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
                 text = tokenizer.decode(new[j], skip_special_tokens=False)
                 tokens, passes, canvases, finished = speeds[j]
                 results.append(Generation(
-                    prompt, _cut(text, stops), float(out.tokens_per_forward[j]), tokens=tokens,
+                    prompt, cut(text, stops), float(out.tokens_per_forward[j]), tokens=tokens,
                     decoder_forward_passes=passes, canvases=canvases,
                     steps_per_canvas=passes / canvases if passes is not None else None,
                     seconds=seconds, tokens_per_second=tokens / seconds if seconds > 0 else 0.0, finished=finished,
