@@ -21,8 +21,10 @@ STAGES = [
     ["finetune.objective"],
     ["finetune.train"],
     ["finetune.pretrain"],  # the tiny base's own small pipeline: model -> data -> objective -> train
-    ["finetune.preflight", "finetune.plan"],  # reports before anything loads: the data (preflight), the memory
-    ["eval"],  # generation, scoring, the verdict, the report, the lm-eval model, python -m eval
+    ["finetune.preflight", "finetune.plan", "finetune.doctor"],  # reports before anything loads: the data
+    # (preflight), the memory (plan), the machine against the recipe (doctor)
+    ["eval"],  # generation, scoring, the verdict, the report, the lm-eval model, samples while training, python -m eval
+    ["finetune.chat"],  # python -m finetune.chat: talk to base + adapter with eval's rendering and sampler
     ["finetune.report"],  # the end-of-run summary
     ["finetune.export"],
     ["finetune.run"],  # the pipeline: the only module that imports every stage
