@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from finetune import disk, runlock
 from finetune.config import EXPORT_DTYPES as DTYPES  # noqa: F401 (public)
 from finetune.config import EXPORT_FORMATS as FORMATS  # noqa: F401 (public)
-from finetune.config import ExportSettings
+from finetune.config import DataSettings, ExportSettings
 from finetune.errors import UserError
 from finetune.export import merge, staging, verify
 from finetune.export.card import export_command, model_card, usage_snippet, vllm_command  # noqa: F401 (public)
@@ -31,6 +31,24 @@ from finetune.export.merge import MergePlan, merge_plan  # noqa: F401 (public)
 from finetune.export.source import Source, load_finetuned, read_adapter, read_run
 from finetune.export.verify import MAX_EFFECT_LOST, TOLERANCE  # noqa: F401 (public)
 
+
+def serving_generation_config(src, base):
+    """The merged export's generation_config.json: the adapter's own when it has one, else the base's, with
+    max_new_tokens raised to the longest answer the run trained on (data.max_response_canvases whole canvases).
+
+    A server takes this file's max_new_tokens as its default answer length (vLLM's --generation-config auto, its
+    default): the released checkpoint's 256 tokens, one canvas, would stop every answer of a run that trained answers
+    of up to four canvases at the first. A limit the file already sets higher is kept."""
+    import copy
+
+    kind = type(base.generation_config)  # DiffusionGemmaGenerationConfig: its sampler fields survive the round trip
+    own = os.path.join(src.adapter_dir, "generation_config.json")
+    config = kind.from_pretrained(src.adapter_dir) if os.path.isfile(own) else copy.deepcopy(base.generation_config)
+    canvases = (src.cfg.get("data") or {}).get("max_response_canvases") or DataSettings.max_response_canvases
+    trained = int(canvases) * int(src.canvas_length)
+    if config.max_new_tokens is None or config.max_new_tokens < trained:
+        config.max_new_tokens = trained
+    return config
 
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
@@ -97,10 +115,7 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
             with disk.guard(staged["merged"].out, needed["merged"], staging=path, kept=KEPT):
                 merge.write_merged(plan, path, settings.dtype, settings.max_shard_size)
                 tokenizer.save_pretrained(path)
-                if os.path.isfile(os.path.join(src.adapter_dir, "generation_config.json")):
-                    shutil.copy2(os.path.join(src.adapter_dir, "generation_config.json"), path)
-                else:
-                    base.generation_config.save_pretrained(path)
+                serving_generation_config(src, base).save_pretrained(path)
                 # last: no config, no model
                 merge.merged_config(base, settings.dtype, plan.untied).save_pretrained(path)
         merge_note, merge_untied = (plan.note, plan.untied) if plan is not None else (None, False)

@@ -171,6 +171,18 @@ def test_merged_checkpoint_has_the_released_layout_in_atomic_shards(shared_run, 
         assert os.path.isfile(os.path.join(out, name)), name
 
 
+def test_merged_generation_config_holds_the_longest_answer_the_run_trained(shared_run, base_dir):
+    """A server reads its default answer length from generation_config.json (vLLM's --generation-config auto): the
+    base's one-canvas limit would cut every longer answer the adapter learnt. The rest of the base's settings stay."""
+    run_dir, _, result = shared_run
+    canvases = OmegaConf.load(os.path.join(run_dir, "config.yaml")).data.max_response_canvases
+    base = json.load(open(os.path.join(base_dir, "generation_config.json")))
+    merged = json.load(open(os.path.join(result["merged"]["path"], "generation_config.json")))
+    assert base["max_new_tokens"] < canvases * CANVAS == merged["max_new_tokens"]
+    assert {k: v for k, v in merged.items() if k not in ("max_new_tokens", "transformers_version")} == \
+        {k: v for k, v in base.items() if k not in ("max_new_tokens", "transformers_version")}
+
+
 def test_merged_checkpoint_loads_plainly_and_matches_the_adapter_model(shared_run):
     run_dir, model, result = shared_run
     assert result["merged"]["verification"]["max_abs_diff"] <= 1e-4  # fresh-process check, float32
