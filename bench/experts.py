@@ -5,8 +5,9 @@
 For each size, routes the same tokens through `DiffusionGemmaTextExperts` with every implementation transformers
 registers for it (eager, grouped_mm, batched_mm), backpropagates to the tokens' hidden states (what LoRA training
 needs: the experts themselves are frozen), and prints the median time, the ratio to eager and the largest output and
-gradient difference to eager. `model.experts_implementation=auto` picks from these numbers per device
-(`finetune.model.experts_for`). Sizes: tiny = the built-in tiny model; mid = hidden 512, 32 experts of 256, top 8;
+gradient difference to eager, and after the real size, the `model.experts_implementation` to set on this device
+(`auto` picks from these numbers per device: `finetune.model.experts_for`; on sm_12x cards grouped_mm may run a
+slower per-expert fallback, which this measures). Sizes: tiny = the built-in tiny model; mid = hidden 512, 32 experts of 256, top 8;
 real = the 26B model's expert shape (hidden 2816, 128 experts of 704, top 8: one layer, about 1.1 GB in fp32).
 batched_mm copies each token's expert weights (hundreds of MB per token at real size): it is skipped there.
 """
@@ -82,6 +83,20 @@ def main(argv=None):
             print(f"{size:5} {name:11} {times[name] * 1000:9.1f} ms  x{times[name] / times['eager']:.2f} of eager  "
                   f"max diff to eager {diff:.1e}")
         del model, layer, x
+        if size == "real":  # the 26B model's own shape decides the setting
+            print(recommendation(times, args.device))
+
+
+def recommendation(times: dict, device: str) -> str:
+    """The setting these numbers call for on this device, against what model.experts_implementation=auto picks."""
+    from finetune.model import experts_for
+
+    fastest = min(times, key=times.get)
+    auto = experts_for("auto", "cuda" if device.startswith("cuda") else device)
+    if fastest == auto or times[auto] <= 1.05 * times[fastest]:
+        return f"use model.experts_implementation=auto (it picks {auto}: within 5% of the fastest here)"
+    return (f"use model.experts_implementation={fastest}: x{times[auto] / times[fastest]:.2f} faster than {auto}, "
+            f"which auto picks on this device")
 
 
 if __name__ == "__main__":

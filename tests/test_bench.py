@@ -211,3 +211,14 @@ def test_rehearsal_drives_every_entry_point_and_ends_with_its_line(tokenizer, tm
     reload = data["reload"]
     assert reload["max_diff"] < 1e-3 < reload["effect"], reload
     assert data["step"]["ratio"] > 0 and data["probes"][0]["predicted"] > 0
+
+
+def test_the_experts_bench_names_the_setting_its_numbers_call_for(bench):
+    """bench/experts.py ends with the model.experts_implementation a user should set on their card: auto when what
+    auto picks there is within 5% of the fastest, else the faster one (grouped_mm's per-expert fallback on sm_12x)."""
+    from experts import recommendation  # bench/ is on sys.path (the bench fixture)
+
+    assert "=auto" in recommendation({"eager": 1.0, "grouped_mm": 1.04}, "cuda")
+    assert recommendation({"eager": 1.0, "grouped_mm": 2.0}, "cuda").startswith(
+        "use model.experts_implementation=eager: x2.00")
+    assert "=auto (it picks eager" in recommendation({"eager": 1.0, "grouped_mm": 0.99}, "cpu")

@@ -29,13 +29,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHELL_LANGUAGES = ("bash", "sh", "shell", "console")
-ENTRY_POINTS = ("finetune", "finetune.plan", "finetune.preflight", "finetune.export", "eval")
+ENTRY_POINTS = ("finetune", "finetune.plan", "finetune.preflight", "finetune.export", "eval", "finetune.chat",
+                "finetune.doctor")
 OTHER_MODULES = ("pytest", "venv", "pip", "eval.harness")  # python -m X that is not ours to compose
 # the programs the docs may name; a new one is added here on purpose, a typo fails
 PROGRAMS = ("python", "python3", "pip", "git", "cd", ".", "source", "sudo", "sh", "bash", "eval", "export",
             "tensorboard", "vllm", "hf", "nvidia-smi", "free", "watch", "ssh", "echo", "cat",
             "sync", "finetune", "accelerate", "torchrun", "ibdev2netdev", "ip", "chmod", "netplan", "ping",
-            "ib_write_bw", "iperf3", "sha256sum", "ssh-keygen", "ssh-copy-id", "ufw", "mkdir", "chown", "rsync")
+            "ib_write_bw", "iperf3", "sha256sum", "ssh-keygen", "ssh-copy-id", "ufw", "mkdir", "chown", "rsync",
+            "printf", "docker", "curl", "timeout", "apt", "du", "rm")
+# programs that no current package installs, with what replaces them: refused in commands, prose and the library's
+# hints alike (huggingface_hub 1.0 removed `huggingface-cli`, and transformers >= 5.24 needs huggingface_hub >= 1.31)
+REMOVED = {"huggingface-cli": "huggingface_hub >= 1.0 installs only `hf`: `hf auth login`, `hf download REPO "
+                              "--local-dir DIR`"}
+# the console scripts the docs name, by the distribution that installs them (vllm: on the serving machine only)
+CONSOLE_SCRIPTS = {"hf": "huggingface_hub", "accelerate": "accelerate", "torchrun": "torch",
+                   "tensorboard": "tensorboard", "finetune": "finetune", "vllm": "vllm"}
 LAUNCHERS = ("accelerate", "torchrun")  # `accelerate launch [flags] -m MODULE args`, `torchrun [flags] -m MODULE args`
 OPERATORS = ("&&", "||", ";", "|", "&")
 REDIRECTIONS = (">", ">>", "<", "&>", ">&")  # the target that follows is dropped
@@ -144,6 +153,7 @@ def entry_points(command) -> list:
                 argv = argv[1:]
         assert argv, f"no program: {command}"
         program = argv[0]
+        assert program not in REMOVED, f"`{program}` no longer exists ({REMOVED.get(program)}): {command}"
         assert program in PROGRAMS, f"`{program}` is not a program these docs use (a typo? else add it to " \
                                     f"PROGRAMS in tests/test_docs.py): {command}"
         if program in ("sh", "bash") and "-c" in argv:
@@ -163,6 +173,12 @@ def entry_points(command) -> list:
                 compile(argv[2], "<python -c>", "exec")
             except SyntaxError as e:
                 raise AssertionError(f"python -c code does not compile ({e}): {command}") from None
+        elif program in ("python", "python3") and argv[1:2] and argv[1].endswith(".py"):  # a script of ours
+            script = os.path.join(ROOT, argv[1])
+            assert argv[1].startswith("bench/") and os.path.isfile(script), f"{argv[1]}: no such script: {command}"
+            source = open(script).read()
+            for flag in (a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")):
+                assert f'"{flag}"' in source, f"{argv[1]} takes no {flag}: {command}"
         elif program in ("python", "python3"):
             assert argv[1:2] == ["-m"] and len(argv) > 2, f"python without -m MODULE or -c CODE: {command}"
             module = argv[2]
@@ -275,16 +291,21 @@ def check_entry_point(module, args, comment, tmp_path):
             parse(args)
         except UserError as e:
             raise AssertionError(f"error: {e}") from None
-    elif module == "eval":
-        from eval.__main__ import main
+    elif module in ("eval", "finetune.chat"):  # checked as they check their arguments: --cfg job loads nothing
+        from importlib import import_module
 
+        main = import_module("eval.__main__" if module == "eval" else module).main
         adapter = tmp_path / "adapter"  # stands for the adapter directory a run writes
         adapter.mkdir(exist_ok=True)
         (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "google/diffusiongemma-26B-A4B-it"}')
-        args = [f"adapter={adapter}" if a.startswith("adapter=") and "PLACEHOLDER" in a else a for a in args]
+        # an adapter a documented run writes (a placeholder, or a path such as runs/chat_5090/adapter): the stand-in
+        args = [f"adapter={adapter}" if a.startswith("adapter=") and ("PLACEHOLDER" in a or not os.path.exists(
+            os.path.join(ROOT, a.split("=", 1)[1]))) else a for a in args]
         assert not any("PLACEHOLDER" in a for a in args), "a placeholder outside adapter="
         code, err = quiet(main, args + ["--cfg", "job"])
         assert code == 0, err
+    elif module == "finetune.doctor":  # its overrides composed here; tests/finetune/test_doctor.py runs it
+        compose_overrides(args)
 
 
 def check_command_line(where, command, comment, tmp_path, monkeypatch):
@@ -342,6 +363,7 @@ def test_the_check_sees_every_entry_point_and_fails_on_a_bad_key(tmp_path, offli
 
 
 @pytest.mark.parametrize("line", ["pyhton -m finetune recipe=tiny", "python -m finetune.pln recipe=tiny",
+                                  "python bench/expert.py", "python bench/experts.py --size real",
                                   "git clone 'unclosed", "pip install -e . &&",
                                   "python -c \"import torch; print(torch.cuda.get_arch_list()\""])
 def test_a_misspelt_program_or_broken_shell_fails(line):
@@ -421,3 +443,52 @@ def test_docs_name_only_recipes_and_hardware_profiles_that_exist():
             assert name in recipes, (path, name)
         for name in re.findall(r"hardware=(\w+)", text):
             assert name in profiles, (path, name)
+
+
+def removed_programs_named(root=ROOT) -> list:
+    """(file:line, program) wherever the docs, the recipes or the library's messages name a program in REMOVED, in a
+    command, in prose or in a hint string."""
+    paths = docs(root) + sorted(glob.glob(os.path.join(root, "recipes", "*.yaml")))
+    for package in ("finetune", "eval", "bench"):
+        paths += sorted(glob.glob(os.path.join(root, package, "**", "*.py"), recursive=True))
+        paths += sorted(glob.glob(os.path.join(root, package, "**", "*.yaml"), recursive=True))
+    hits = []
+    for path in paths:
+        for number, line in enumerate(open(path).read().splitlines(), 1):
+            hits += [(f"{os.path.relpath(path, root)}:{number}", p) for p in REMOVED if p in line]
+    return hits
+
+
+def test_no_doc_or_hint_names_a_program_that_no_longer_exists():
+    assert removed_programs_named() == [], [f"{w}: {p}: {REMOVED[p]}" for w, p in removed_programs_named()]
+
+
+def test_a_playbook_copy_that_says_huggingface_cli_fails(tmp_path):
+    """The checks above see an outdated step, in a command block and in prose (a copy, never the docs themselves)."""
+    for doc in docs():
+        target = tmp_path / os.path.relpath(doc, ROOT)
+        os.makedirs(target.parent, exist_ok=True)
+        target.write_text(open(doc).read())
+    playbook = tmp_path / "playbooks" / "dgx-spark" / "README.md"
+    playbook.write_text(playbook.read_text() + "\nLog in with `huggingface-cli login`.\n\n```bash\nhuggingface-cli "
+                        "login\n```\n")
+    assert [p for _, p in removed_programs_named(str(tmp_path))] == ["huggingface-cli", "huggingface-cli"]
+    commands = [c for w, c, _ in command_lines(str(tmp_path)) if "huggingface-cli" in c]
+    assert commands
+    with pytest.raises(AssertionError, match="hf auth login"):
+        entry_points(commands[0])
+
+
+def test_console_scripts_the_docs_name_are_installed_by_their_package():
+    """`hf`, `accelerate`, `torchrun`, ...: each is a console script of the package that provides it in the versions
+    we install, so a renamed or dropped command fails here (vllm is checked where it is installed)."""
+    import importlib.metadata as metadata
+
+    for program, distribution in CONSOLE_SCRIPTS.items():
+        assert program in PROGRAMS
+        try:
+            scripts = {e.name for e in metadata.distribution(distribution).entry_points if e.group == "console_scripts"}
+        except metadata.PackageNotFoundError:
+            assert distribution == "vllm", f"{distribution} is not installed: it should be (pyproject.toml)"
+            continue
+        assert program in scripts, f"{distribution} {metadata.version(distribution)} installs no `{program}` command"
