@@ -202,3 +202,16 @@ def test_the_adapter_of_a_run_still_training_is_refused(capsys, tmp_path):
         proc.kill()
         proc.wait()
     assert_one_line_error(result, f"is still training (pid {proc.pid} on {socket.gethostname()})")
+
+
+@pytest.mark.slow
+def test_the_default_runs_adapter_answers_its_task_in_the_chat(default_run):
+    """The README's piped chat on the adapter the default run trained: it renders the prompt as training and the
+    evaluation do, so the adapter does its task here too (shift each letter by one; the run scores ~100% on it)."""
+    tmp, env, _ = default_run
+    result = subprocess.run([sys.executable, "-m", "finetune.chat", f"adapter={tmp / 'run' / 'adapter'}"], cwd=ROOT,
+                            env={**env, "OMP_NUM_THREADS": "1"}, input="shift: hello\n/reset\nshift: world\n/quit\n",
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ifmmp", "xpsme"], result.stdout
+    assert len(SPEED.findall(result.stderr)) == 2
