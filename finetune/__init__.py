@@ -1,6 +1,7 @@
 """finetune: LoRA fine-tuning for DiffusionGemma (README.md); the pipeline is finetune.run."""
 
 import logging
+import warnings
 
 # bitsandbytes (model.quantization) warns at import, on CPUs with AVX512-BF16, that an optional kernel package from
 # the hub is missing; its plain CPU kernels are what we use, and the line would land in every command's output.
@@ -20,3 +21,9 @@ class _DropOfflineTrustNotice(logging.Filter):
 
 
 logging.getLogger(KERNELS_HUB_LOGGER).addFilter(_DropOfflineTrustNotice())
+
+# peft (0.21) reads `model.is_gradient_checkpointing` when it wraps a model, which transformers >= 5.25 deprecates with
+# a FutureWarning naming its own line: one line on stderr of every command that a user can do nothing about. Only
+# that message is ignored; any other FutureWarning still shows.
+GRADIENT_CHECKPOINTING_NOTICE = r"`is_gradient_checkpointing` is deprecated"
+warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_NOTICE, category=FutureWarning)
