@@ -116,13 +116,6 @@ def typed_lines(stream=None) -> Iterator[str]:
         yield line
 
 
-def cut(text: str, stops) -> str:
-    """The answer as evaluation keeps it: up to the first end of turn, stripped (eval.generation's rule)."""
-    from eval.generation import cut as cut_answer
-
-    return cut_answer(text, list(stops))
-
-
 class CanvasPrinter:
     """generate()'s streamer (transformers' BaseStreamer protocol: put, end; not subclassed, so that --help need not
     import transformers). generate() puts the prompt first, then each canvas once denoised; the answer so far is
@@ -136,6 +129,8 @@ class CanvasPrinter:
 
     @property
     def text(self) -> str:
+        from eval.generation import cut  # the answer as evaluation keeps it: up to the first end of turn, stripped
+
         return cut(self.tokenizer.decode(self.ids, skip_special_tokens=False), self.stops)
 
     def put(self, value) -> None:

@@ -37,7 +37,7 @@ UNUSED = HYDRA_FILES | {runlock.NAME}  # what a run directory holds before the r
 
 
 def samples_while_training(cfg: DictConfig, tokenizer, eval_rows, eval_ex, data_settings, canvas_length: int,
-                           run_dir: str, model, resumed_from: str | None, strategy: str) -> list:
+                           run_dir: str, model, resumed_from: str | None, strategy: str, tensorboard: bool) -> list:
     """[the eval.samples.every callback] (eval/samples.py), or [] when it is off or cannot run here."""
     every = cfg.eval.samples.every
     if not every:
@@ -60,7 +60,7 @@ def samples_while_training(cfg: DictConfig, tokenizer, eval_rows, eval_ex, data_
     resumed_step = int(os.path.basename(resumed_from).rsplit("-", 1)[1]) if resumed_from else 0
     return [Samples(tokenizer, heldout, gen, every, run_dir, canvas_length, data_settings.max_response_canvases,
                     getattr(model.generation_config, "max_new_tokens", None), resumed_step,
-                    tensorboard="tensorboard" in settings(cfg.train).report_to_list())]
+                    tensorboard=tensorboard)]
 
 
 def training_objective(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
@@ -242,7 +242,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
 
     train_settings = settings(cfg.train)
     callbacks = samples_while_training(cfg, tokenizer, eval_rows, eval_ex, data_settings, canvas_length, run_dir,
-                                       model, decision.checkpoint, strategy)
+                                       model, decision.checkpoint, strategy,
+                                       tensorboard="tensorboard" in train_settings.report_to_list())
     t0 = time.time()
     root = os.path.join(run_dir, checkpoints.CHECKPOINTS)
     trainer = fit(peft_model, train_ex, train_settings, objective, canvas_length, tokenizer.pad_token_id, root,

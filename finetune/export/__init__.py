@@ -50,6 +50,7 @@ def serving_generation_config(src, base):
         config.max_new_tokens = trained
     return config
 
+
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 

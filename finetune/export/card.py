@@ -154,9 +154,9 @@ def model_card(kind: str, src: Source, path: str, verification: dict | None, com
                   "checkpoint's:\n",
                   "```bash\n" + vllm_command(path, src.canvas_length) + "\n```\n",
                   "A request without `max_tokens` is answered up to `max_new_tokens` of this export's "
-                  "`generation_config.json`: the longest answer the run trained on (an adapter from elsewhere: 4 canvases), "
-                  "not the base's one canvas. A "
-                  "request's own `max_tokens` wins; `--generation-config vllm` makes vLLM ignore the file.\n"]
+                  "`generation_config.json`: the longest answer the run trained on (an adapter from elsewhere: 4 "
+                  "canvases), not the base's one canvas. A request's own `max_tokens` wins; `--generation-config "
+                  "vllm` makes vLLM ignore the file.\n"]
     return "\n".join(parts)
 
 
