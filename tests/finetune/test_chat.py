@@ -207,11 +207,17 @@ def test_the_adapter_of_a_run_still_training_is_refused(capsys, tmp_path):
 @pytest.mark.slow
 def test_the_default_runs_adapter_answers_its_task_in_the_chat(default_run):
     """The README's piped chat on the adapter the default run trained: it renders the prompt as training and the
-    evaluation do, so the adapter does its task here too (shift each letter by one; the run scores ~100% on it)."""
+    evaluation do, so the adapter does its task here too (shift each letter by one). The base scores 0% on it and a
+    mis-rendered prompt would too; the run's own evaluation is ~100%, so 3 of 4 leaves room for a CPU's rounding."""
     tmp, env, _ = default_run
+    words = ["hello", "world", "adapt", "quick"]
+    lines = "".join(f"shift: {w}\n/reset\n" for w in words) + "/quit\n"
     result = subprocess.run([sys.executable, "-m", "finetune.chat", f"adapter={tmp / 'run' / 'adapter'}"], cwd=ROOT,
-                            env={**env, "OMP_NUM_THREADS": "1"}, input="shift: hello\n/reset\nshift: world\n/quit\n",
-                            capture_output=True, text=True, timeout=300)
+                            env={**env, "OMP_NUM_THREADS": "1"}, input=lines, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["ifmmp", "xpsme"], result.stdout
-    assert len(SPEED.findall(result.stderr)) == 2
+    shifted = ["".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in w) for w in words]  # the task, computed here
+    answers = result.stdout.split()
+    assert len(answers) == len(words), result.stdout
+    assert sum(a == b for a, b in zip(answers, shifted)) >= 3, (answers, shifted)
+    assert len(SPEED.findall(result.stderr)) == len(words)
