@@ -96,21 +96,20 @@ def slice_config(config: DiffusionGemmaConfig, layers: int, **text_values) -> Di
     return DiffusionGemmaConfig(**{**top, "text_config": values})
 
 
-def write_checkpoint(out: str, layers: int = 2, experts: int | None = None, vision: bool = True,
-                     dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "2GB", seed: int = 0,
-                     std: float = 0.02) -> DiffusionGemmaConfig:
+def write_checkpoint(out: str, layers: int = 2, experts: int | None = None, dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "2GB", seed: int = 0,
+                     std: float = 0.02, canvas_length: int = 256) -> DiffusionGemmaConfig:
     """The shipped config's first ``layers`` layers (the last full-attention: head_dim 512, K=V, partial rotary) at
     real width with random ``dtype`` weights (normal, ``std``; norms and scales 1, as transformers initialises
     them), saved with save_pretrained as sharded safetensors + index, with the tokenizer (`write_tokenizer`) and
-    the generation config. ``experts`` < 128 keeps fewer experts of the real shape (at least top_k: 8);
-    ``vision=False`` drops the vision tower (otherwise the real one: transformers' default Gemma 4 tower). Weights
+    the generation config. ``experts`` < 128 keeps fewer experts of the real shape (at least top_k: 8). The vision
+    tower is always the real one (transformers' default Gemma 4 tower): DiffusionGemma's model builds it whatever
+    the config says. ``canvas_length`` < 256 shortens the canvas, a sequence length that changes no tensor's shape. Weights
     are written straight into their storage: 2 layers (4.9 GB in bf16) take ~30 s and ~6 GB of memory."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     config = slice_config(DiffusionGemmaConfig.from_pretrained(OUT), layers,
                           **({"num_experts": experts} if experts else {}))
-    if not vision:
-        config.vision_config = None
+    config.canvas_length = canvas_length
     config.dtype = dtype
     # Drawing 2.5B normal values takes minutes on one core; a pool of 2^24 + 3 draws (not a multiple of any row
     # width), cycled from a random start per tensor, gives every row and tensor different values in seconds.
@@ -176,13 +175,13 @@ def main(argv=None):
                         "and a stand-in tokenizer to DIR (write_checkpoint)")
     parser.add_argument("--layers", type=int, default=2, help="--checkpoint: the first N layers (the last full)")
     parser.add_argument("--experts", type=int, default=None, help="--checkpoint: keep N of the 128 experts")
-    parser.add_argument("--no-vision", action="store_true", help="--checkpoint: without the vision tower")
+    parser.add_argument("--canvas-length", type=int, default=256, help="--checkpoint: tokens per canvas")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="--checkpoint: weights")
     parser.add_argument("--max-shard-size", default="2GB", help="--checkpoint: safetensors shard size")
     args = parser.parse_args(argv)
     if args.checkpoint:
-        write_checkpoint(args.checkpoint, args.layers, args.experts, not args.no_vision, getattr(torch, args.dtype),
-                         args.max_shard_size)
+        write_checkpoint(args.checkpoint, args.layers, args.experts, getattr(torch, args.dtype),
+                         args.max_shard_size, canvas_length=args.canvas_length)
         print(f"wrote {args.checkpoint}")
         return
     os.makedirs(args.out, exist_ok=True)
