@@ -17,6 +17,7 @@ USAGE = """usage: python -m eval [recipe=NAME] [adapter=PATH] [out=DIR] [key=val
                  outputs/eval-<recipe>-<time>)
   key=value      any config key, e.g. eval.max_examples=32 eval.generation.max_denoising_steps=16
                  'eval.sweep={param:max_denoising_steps,values:[4,8,16,48]}'  eval.benchmark=null
+                 eval.speed_curve=true (score vs tokens per forward over max_denoising_steps x entropy_bound)
   --cfg job      check the arguments, print the resolved config and exit (loads no model); hydra|all: Hydra's too
 """
 

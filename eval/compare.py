@@ -13,7 +13,7 @@ from eval.generation import Generation, GenerationSettings, generate, generation
 from eval.loss import heldout_loss
 from eval.scorers import exact_match, resolve_scorer, score_all
 from eval.sets import EvalSet, benchmark_set, heldout_set
-from finetune.config import DataSettings, eval_settings
+from finetune.config import DataSettings, SpeedCurveSettings, eval_settings
 from finetune.errors import UserError
 from finetune.model import base_of
 
@@ -65,6 +65,12 @@ def active_sweep(eval_cfg: dict) -> dict | None:
     return sweep if sweep and sweep.get("values") else None
 
 
+def active_speed_curve(eval_cfg: dict) -> SpeedCurveSettings | None:
+    """The speed curve's settings when eval.speed_curve is on (true, or a block with enabled: true), else None."""
+    spec = SpeedCurveSettings.of(eval_cfg.get("speed_curve"))
+    return spec if spec.enabled else None
+
+
 def validate(eval_cfg) -> dict:
     """Config errors before any model is loaded; returns the block completed with the schema's defaults."""
     eval_cfg = eval_settings(eval_cfg)
@@ -85,6 +91,12 @@ def validate(eval_cfg) -> dict:
             except (TypeError, ValueError):
                 raise UserError(f"{where}: not a number") from None
             _check_sampler(replace(gen, **{sweep["param"]: value}), where)
+    curve = active_speed_curve(eval_cfg)
+    if curve:
+        for steps in curve.max_denoising_steps:
+            _check_sampler(replace(gen, max_denoising_steps=steps), f"eval.speed_curve max_denoising_steps={steps}")
+        for bound in curve.entropy_bound:
+            _check_sampler(replace(gen, entropy_bound=bound), f"eval.speed_curve entropy_bound={bound:g}")
     return eval_cfg
 
 
@@ -331,6 +343,12 @@ def _compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, e
             report["benchmark"]["max_new_tokens"] = bench_limit
     if active_sweep(eval_cfg):
         report["sweep"] = sweep(peft_model, tokenizer, heldout, gen, eval_cfg["sweep"], has_adapter)
+    curve = active_speed_curve(eval_cfg)
+    if curve:
+        from eval.speed_curve import speed_curve
+
+        report["speed_curve"] = speed_curve(peft_model, tokenizer, heldout, gen, curve, has_adapter,
+                                            float(eval_cfg["regression_tolerance"]))
     report["verdict"] = verdict(report, float(eval_cfg["regression_tolerance"]), float(eval_cfg["speed_tolerance"]))
     report["seconds"] = time.perf_counter() - started  # the whole evaluation, for planning the next one
     if out_dir:

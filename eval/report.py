@@ -1,5 +1,5 @@
 """The comparison report a person reads: report.json (every number), report.md (the answers, the tables, the
-generations side by side) and PNG plots (loss per t, scores, and the speed/quality sweep)."""
+generations side by side) and PNG plots (loss per t, scores, the speed/quality sweep and the speed curve)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,85 @@ def plot_sweep(report: dict, path: str):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _point_label(p: dict) -> str:
+    return f"{p['max_denoising_steps']}/{p['entropy_bound']:g}"
+
+
+def plot_speed_curve(report: dict, path: str):
+    """Score against tokens per forward (every forward) at each grid point, the frontier whose area is reported
+    as a step line, the default sampler and the adapter's best training-free point marked."""
+    plt = _plt()
+    curve = report["speed_curve"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for side, color in (("base", "tab:gray"), ("adapter", "tab:blue")):
+        if side not in curve:
+            continue
+        points = curve[side]["points"]
+        ax.scatter([p["tokens_per_forward"] for p in points], [p["score"] for p in points], color=color, s=18,
+                   label=f"{side} (area {curve[side]['area']:.3g})")
+        labels = {}  # points that land on the same spot share one label
+        for p in points:
+            labels.setdefault((round(p["tokens_per_forward"], 3), round(p["score"], 3)), []).append(_point_label(p))
+        for (x, y), names in labels.items():
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        front = sorted((f["tokens_per_forward"], f["score"]) for f in curve[side]["frontier"])
+        xs = [0.0] + [x for x, _ in front]
+        ys = [front[0][1]] + [y for _, y in front]
+        ax.step(xs, ys, where="pre", color=color, alpha=0.6)  # F(x): the best score at >= x tokens per forward
+        default = curve[side]["best_training_free"]["default"]
+        ax.scatter([default["tokens_per_forward"]], [default["score"]], marker="s", facecolors="none",
+                   edgecolors=color, s=70)
+        best = curve[side]["best_training_free"]["point"]
+        ax.scatter([best["tokens_per_forward"]], [best["score"]], marker="*", color=color, s=120)
+    ax.set_xlabel("tokens per forward, every encoder and decoder forward (higher = faster)")
+    ax.set_ylabel(f"{curve['scorer']} (held-out)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_title("Score vs parallelism (labels: max steps/entropy bound; □ default, ★ best)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def speed_curve_lines(report: dict) -> list[str]:
+    """report.md's section for eval.speed_curve: the table, the areas, the best training-free points, definitions."""
+    curve = report["speed_curve"]
+    sides = _sides(curve)
+    out = ["## Score vs parallelism: speed curve over max_denoising_steps x entropy_bound", ""]
+    header = ["max steps", "entropy bound"] + [f"{s} {curve['scorer']}" for s in sides] + \
+             [f"{s} tokens/forward" for s in sides] + [f"{s} s/answer (batch 1)" for s in sides]
+    rows = []
+    for i, p in enumerate(curve[sides[0]]["points"]):
+        mark = " (default)" if p["default"] else ""
+        rows.append([f"{p['max_denoising_steps']}{mark}", f"{p['entropy_bound']:g}"]
+                    + [_fmt(curve[s]["points"][i]["score"], "%") for s in sides]
+                    + [_fmt(curve[s]["points"][i]["tokens_per_forward"], "g") for s in sides]
+                    + [_fmt(curve[s]["points"][i]["seconds_per_answer"], "g") for s in sides])
+    out += _table(header, rows) + [""]
+    out += ["- area under the score-vs-parallelism curve: "
+            + ", ".join(f"{s} **{curve[s]['area']:.4g}**" for s in sides)]
+    for s in sides:
+        b = curve[s]["best_training_free"]
+        p, d = b["point"], b["default"]
+        speed = f"x{b['speedup_tokens_per_forward']:.2f} tokens per forward" if b["speedup_tokens_per_forward"] \
+            else "tokens per forward not comparable"
+        secs = f", x{b['speedup_seconds']:.2f} seconds per answer" if b["speedup_seconds"] else ""
+        out.append(f"- {s}, best training-free point: max steps {p['max_denoising_steps']}, entropy bound "
+                   f"{p['entropy_bound']:g}: {_fmt(p['score'], '%')} at {_fmt(p['tokens_per_forward'], 'g')} tokens "
+                   f"per forward vs the default sampler ({d['max_denoising_steps']}, {d['entropy_bound']:g}) "
+                   f"{_fmt(d['score'], '%')} at {_fmt(d['tokens_per_forward'], 'g')}: {speed}{secs}, score "
+                   f"{b['score_change']:+.1%} (noise {b['noise']:.1%})")
+    out += ["", "![speed curve](speed_curve.png)", "",
+            f"- **area**: {curve['definition']}", f"- **tokens per forward**: {curve['forwards']}",
+            f"- **{curve['best_definition'].split(':')[0]}**:{curve['best_definition'].split(':', 1)[1]}",
+            f"- **timing**: {curve['timing']}"]
+    if curve.get("default_added"):
+        out.append("- the default sampler's point is not on the grid: it was run as one extra point")
+    return out + [""]
 
 
 def _cell(text, limit: int = 160) -> str:
@@ -257,6 +336,8 @@ def markdown(report: dict) -> str:
                         + [_fmt(sw[s][i]["tokens_per_forward"], "g") for s in _sides(sw)]
                         + [_fmt(sw[s][i]["steps_per_canvas"], "g") for s in _sides(sw)])
         out += _table(header, rows) + ["", "![sweep](sweep.png)", ""]
+    if report.get("speed_curve"):
+        out += speed_curve_lines(report)
     out += [f"## Generations side by side (first {min(report.get('samples_shown', 10), len(report['generations']))})",
             ""]
     header = ["input", "reference"] + sides + (["changed"] if "adapter" in sides else [])
@@ -277,11 +358,14 @@ def write_report(report: dict, out_dir: str) -> list[str]:
     """Write report.json, report.md and the plots into ``out_dir``; returns the file names written."""
     os.makedirs(out_dir, exist_ok=True)
     files = ["report.json", "report.md", "loss_by_t.png", "scores.png"] + (["sweep.png"] if report.get("sweep") else [])
+    files += ["speed_curve.png"] if report.get("speed_curve") else []
     report["files"] = files
     plot_loss_by_t(report, os.path.join(out_dir, "loss_by_t.png"))
     plot_scores(report, os.path.join(out_dir, "scores.png"))
     if report.get("sweep"):
         plot_sweep(report, os.path.join(out_dir, "sweep.png"))
+    if report.get("speed_curve"):
+        plot_speed_curve(report, os.path.join(out_dir, "speed_curve.png"))
     disk.write_text(os.path.join(out_dir, "report.md"), markdown(report))  # whole or not at all: a full disk
     disk.write_json(os.path.join(out_dir, "report.json"), report, indent=2, ensure_ascii=False)  # is one line
     return files
@@ -309,6 +393,8 @@ def console_summary(report: dict, out_dir: str | None = None) -> str:
     bench = report.get("benchmark")
     if bench:
         rows.append((f"{bench['name']} {bench['scorers'][0]}", [bench[s]["score"] for s in sides], "%"))
+    if report.get("speed_curve"):
+        rows.append(("speed curve area", [report["speed_curve"][s]["area"] for s in sides], "g"))
     for label, values, kind in rows:
         lines.append(f"   {label:<26}" + "".join(f"{_fmt(v, kind):>12}" for v in values))
     if report.get("max_new_tokens"):

@@ -405,6 +405,49 @@ class SweepSettings:
 
 
 @dataclass
+class SpeedCurveSettings:
+    """Score against parallelism (eval/speed_curve.py): base and adapter at every point of a grid of the sampler's
+    entropy bound x maximum denoising steps per canvas, every model forward counted; off unless enabled.
+    `eval.speed_curve=true` is short for `eval.speed_curve.enabled=true` with this grid."""
+
+    enabled: bool = False
+    max_denoising_steps: List[int] = field(default_factory=lambda: [4, 16, 48])  # 48: the model's default
+    entropy_bound: List[float] = field(default_factory=lambda: [0.1, 1.0, 4.0])  # 0.1: the model's default
+    timing_prompts: int = 4  # held-out prompts generated one at a time (batch 1) per point and side, for seconds/answer
+
+    @classmethod
+    def of(cls, value) -> "SpeedCurveSettings":
+        """The settings from what the config holds: a bool (the shorthand), null (off) or a block of these keys."""
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        if value is None or isinstance(value, bool):
+            return cls(enabled=bool(value))
+        if not isinstance(value, dict):
+            raise UserError(f"eval.speed_curve={value!r}: give true, false or a block of "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"eval.speed_curve.{unknown[0]}: no such key (keys: "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))})")
+        out = cls(**value)
+        def values(v):
+            return list(v) if isinstance(v, (list, tuple)) else [v]  # one value: a grid of one
+
+        try:
+            out.max_denoising_steps = [int(v) for v in values(out.max_denoising_steps)]
+            out.entropy_bound = [float(v) for v in values(out.entropy_bound)]
+            out.timing_prompts = int(out.timing_prompts)
+        except (TypeError, ValueError):
+            raise UserError("eval.speed_curve: max_denoising_steps, entropy_bound and timing_prompts take numbers "
+                            f"(got {value})") from None
+        if out.enabled and not (out.max_denoising_steps and out.entropy_bound):
+            raise UserError("eval.speed_curve: give at least one max_denoising_steps and one entropy_bound value")
+        if out.timing_prompts < 0:
+            raise UserError(f"eval.speed_curve.timing_prompts={out.timing_prompts}: give 0 (no timing) or more")
+        return out
+
+
+@dataclass
 class EvalSettings:
     """Evaluation, base vs adapter: at the end of training and with python -m eval."""
 
@@ -421,6 +464,11 @@ class EvalSettings:
     # GSM8K for the chat recipes (conf/eval/chat.yaml), the base's copy task for tiny; eval.benchmark=null: none
     benchmark: Optional[BenchmarkSettings] = field(default_factory=BenchmarkSettings)
     sweep: Optional[SweepSettings] = field(default_factory=SweepSettings)
+    # score vs tokens per forward over a sampler grid (SpeedCurveSettings); Any so that eval.speed_curve=true works
+    speed_curve: Any = field(default_factory=lambda: dataclasses.asdict(SpeedCurveSettings()))
+
+    def __post_init__(self):
+        SpeedCurveSettings.of(self.speed_curve)  # a bad key or value is one error line before anything loads
 
 
 EXPORT_FORMATS = ("adapter", "merged", "both")

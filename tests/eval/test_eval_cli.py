@@ -163,9 +163,13 @@ def test_eval_cli_on_the_default_run_reproduces_its_numbers_and_sweeps(default_r
     run = tmp / "run"
     out = tmp_path / "eval"
     result = run_eval("recipe=tiny", f"adapter={run / 'adapter'}", f"out={out}",
-                      "eval.sweep={param:max_denoising_steps,values:[1,4,48]}", env=env, timeout=600)
+                      "eval.sweep={param:max_denoising_steps,values:[1,4,48]}",
+                      # the README's eval.speed_curve=true on a grid of two (48 steps at bound 0.1: the default sampler)
+                      "eval.speed_curve={enabled:true,max_denoising_steps:[1,48],entropy_bound:[0.1],timing_prompts:1}",
+                      env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("report.json", "report.md", "loss_by_t.png", "scores.png", "sweep.png", "config.yaml"):
+    for name in ("report.json", "report.md", "loss_by_t.png", "scores.png", "sweep.png", "speed_curve.png",
+                 "config.yaml"):
         assert (out / name).is_file(), name
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
@@ -180,3 +184,8 @@ def test_eval_cli_on_the_default_run_reproduces_its_numbers_and_sweeps(default_r
     assert [p["value"] for p in sweep] == [1, 4, 48]
     assert sweep[0]["steps_per_canvas"] == 1 and sweep[0]["tokens_per_forward"] > sweep[-1]["tokens_per_forward"]
     assert "adapter beats base" in result.stdout and str(out) in result.stdout
+    curve = report["speed_curve"]["adapter"]
+    assert [p["max_denoising_steps"] for p in curve["points"]] == [1, 48] and curve["points"][1]["default"]
+    # the adapter learnt the task at the default sampler: its area is at least that point's score x its speed
+    assert curve["area"] >= curve["points"][1]["score"] * curve["points"][1]["tokens_per_forward"] > 0
+    assert f"adapter **{curve['area']:.4g}**" in (out / "report.md").read_text()
