@@ -220,6 +220,12 @@ class ObjectiveConfig:
     # sampler's schedule runs from eval.generation.t_max to t_min: [0.4, 0.8] by default)
     self_conditioning_temperature: Optional[List[float]] = None
     encoder_ar_weight: float = 1.0  # next-token loss on the encoder's hidden states (0 drops it, as Unsloth does)
+    # certainty forcing (objective=fast): + weight x the entropy of softmax(logits / temperature) at the scored canvas
+    # positions whose top prediction is already the clean token, summed and normalised with the diffusion loss: the
+    # sampler accepts a position once its entropy is under a bound, so sharper right answers take fewer steps
+    # (dParallel's idea, for masked diffusion, here on uniform-noise canvases). 0 turns it off
+    certainty_weight: float = 0.0
+    certainty_temperature: float = 1.0
 
     def __post_init__(self):
         for key, value, allowed in (("corruption", self.corruption, CORRUPTIONS), ("loss_on", self.loss_on, LOSS_ON),
@@ -232,6 +238,10 @@ class ObjectiveConfig:
             raise ValueError(f"objective.self_conditioning_p={self.self_conditioning_p} must be in [0, 1]")
         if self.encoder_ar_weight < 0:
             raise ValueError(f"objective.encoder_ar_weight={self.encoder_ar_weight} must be >= 0")
+        if self.certainty_weight < 0:
+            raise ValueError(f"objective.certainty_weight={self.certainty_weight} must be >= 0 (0: off)")
+        if not self.certainty_temperature > 0:
+            raise ValueError(f"objective.certainty_temperature={self.certainty_temperature} must be > 0")
         temperature = self.self_conditioning_temperature
         if temperature is not None and not (len(temperature) == 2 and 0 < temperature[0] <= temperature[1]):
             raise ValueError(f"objective.self_conditioning_temperature={list(temperature)} must be null or [lo, hi] "

@@ -6,6 +6,8 @@ one chunk of logits exists at any time:
 
 - `softcapped_cross_entropy`: per-position CE of ``cap * tanh(h W^T / cap)``; forward keeps only the log-sum-exp
   per position, backward recomputes each chunk's logits and turns them into that chunk's gradient.
+- `softcapped_entropy`: per-position entropy of the capped logits over a temperature and whether the top logit is
+  the target (the certainty penalty, objective.certainty_weight), with the same tiles and recomputation.
 - `soft_embeddings`: what the decoder's self-conditioning block reads, ``softmax(logits) @ E * embed_scale``,
   chunk by chunk (the pass that needs it runs without gradient).
 
@@ -170,6 +172,84 @@ def lean_head(lm_head) -> bool:
 def softcapped_cross_entropy(lm_head, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Per-position cross-entropy (fp32, shape (N,)) of the soft-capped logits of ``hidden`` (N, H)."""
     return _SoftcappedCrossEntropy.apply(hidden, lm_head.weight, targets.to(hidden.device), cap)
+
+
+class _SoftcappedEntropy(torch.autograd.Function):
+    """Per-position entropy of softmax(capped logits / tau), and whether the position's top logit is its target,
+    a tile at a time. Forward keeps per row a running max, sum of exponentials and their logit-weighted sum (rescaled
+    together when the max moves: small temperatures push exp(logit / tau - cap / tau) below float32), so
+    H = lse - sum(p * y) with y = logits / tau. Backward recomputes each tile: dH/dy = -p (log p + H), over tau,
+    through the cap."""
+
+    @staticmethod
+    @_same_autocast_forward
+    def forward(ctx, hidden, weight, targets, cap, tau):
+        rows, cols = geometry(weight.shape[0], hidden.device)
+        n = hidden.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty_like(lse)
+        top = torch.full((n,), -float("inf"), device=hidden.device)
+        arg = torch.zeros(n, dtype=torch.long, device=hidden.device)
+        for r in range(0, n, rows):
+            h = hidden[r : r + rows]
+            shift = torch.full((len(h),), -float("inf"), device=h.device)
+            total, weighted = torch.zeros_like(shift), torch.zeros_like(shift)
+            for v in range(0, weight.shape[0], cols):
+                logits = _logits(h, weight[v : v + cols], cap)[0]
+                best, where = logits.max(dim=-1)  # the first of equal maxima, as argmax over the whole row
+                better = best > top[r : r + rows]
+                top[r : r + rows] = torch.where(better, best, top[r : r + rows])
+                arg[r : r + rows] = torch.where(better, where + v, arg[r : r + rows])
+                y = logits.div_(tau)
+                new = torch.maximum(shift, y.amax(dim=-1))
+                rescale = (shift - new).exp_()
+                exps = (y - new[:, None]).exp_()
+                total = total * rescale + exps.sum(dim=-1)
+                weighted = weighted * rescale + (exps * y).sum(dim=-1)
+                shift = new
+            lse[r : r + rows] = shift + total.log()
+            entropy[r : r + rows] = lse[r : r + rows] - weighted / total
+        correct = arg == targets
+        ctx.save_for_backward(hidden, weight, lse, entropy)
+        ctx.cap, ctx.tau = cap, tau
+        ctx.mark_non_differentiable(correct)
+        return entropy, correct
+
+    @staticmethod
+    @_same_autocast_backward
+    def backward(ctx, grad_entropy, _grad_correct):
+        hidden, weight, lse, entropy = ctx.saved_tensors
+        cap, tau = ctx.cap, ctx.tau
+        rows, cols = geometry(weight.shape[0], hidden.device)
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_entropy = grad_entropy.float()
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        for r in range(0, hidden.shape[0], rows):
+            h = hidden[r : r + rows]
+            upstream = grad_entropy[r : r + rows, None] / -tau
+            shift, plus = lse[r : r + rows, None], entropy[r : r + rows, None]
+            for v in range(0, weight.shape[0], cols):
+                w = weight[v : v + cols]
+                logits, tanh = _logits(h, w, cap)
+                log_p = logits.div_(tau).sub_(shift)
+                grad = log_p.exp().mul_(log_p.add_(plus)).mul_(upstream)
+                if tanh is not None:
+                    grad.mul_(tanh.square_().neg_().add_(1))
+                grad = grad.to(weight.dtype)
+                if want_hidden:
+                    _accumulate(grad_hidden[r : r + rows], grad, w)
+                if want_weight:
+                    grad_weight[v : v + cols].addmm_(grad.t().float(), h.float())
+        return (grad_hidden.to(hidden.dtype) if want_hidden else None,
+                grad_weight.to(weight.dtype) if want_weight else None, None, None, None)
+
+
+def softcapped_entropy(lm_head, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None,
+                       tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy (N,) fp32 with gradient, correct (N,) bool): the entropy of softmax(soft-capped logits / ``tau``) of
+    ``hidden`` (N, H), and whether each position's argmax is its target (the certainty penalty's positions)."""
+    return _SoftcappedEntropy.apply(hidden, lm_head.weight, targets.to(hidden.device), cap, float(tau))
 
 
 def _decoder_logits(hidden, head_weight, cap, temperature=None):

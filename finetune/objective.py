@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from finetune.canvas import decoder_masks, encoder_masks
 from finetune.config import ObjectiveConfig
 from finetune.errors import UserError
-from finetune.head import lean_head, soft_embeddings, softcapped_cross_entropy
+from finetune.head import lean_head, soft_embeddings, softcapped_cross_entropy, softcapped_entropy
 
 @dataclass
 class LossOutput:
@@ -44,6 +44,10 @@ class LossOutput:
     diffusion_sum: torch.Tensor | None = None  # with gradient: the diffusion loss's numerator (summed weighted CE)
     ar_sum: torch.Tensor | None = None  # with gradient: the encoder loss's summed CE
     counts: torch.Tensor | None = None  # (2,) the two denominators: tokens the diffusion loss and the encoder loss read
+    # with gradient: the certainty penalty's numerator, the summed entropy at counted positions already predicted
+    # right (normalised by the diffusion loss's denominator); zero when objective.certainty_weight is 0
+    certainty_sum: torch.Tensor | None = None
+    certain_tokens: int = 0  # counted positions whose top prediction was the clean token
 
 
 @dataclass
@@ -143,6 +147,16 @@ def project(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.lm_head(hidden).float()
     cap = model.final_logit_softcapping
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def certainty(model, hidden: torch.Tensor, targets: torch.Tensor, tau: float, lean: bool = True):
+    """(entropy of softmax(soft-capped logits / ``tau``) per position of ``hidden`` (N, H), whether each position's
+    top logit is its target): chunked on the lean path, from full logits on the stock one."""
+    if lean and lean_head(model.lm_head):
+        return softcapped_entropy(model.lm_head, hidden, targets, model.final_logit_softcapping, tau)
+    logits = project(model, hidden)
+    log_p = F.log_softmax(logits / tau, dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1), logits.detach().argmax(dim=-1) == targets
 
 
 def cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -336,6 +350,10 @@ def diffusion_loss(
     if counted.sum() == 0:
         diff_sum = hidden.sum() * 0.0  # keeps the graph; nothing to score in this batch
     diff = diff_sum / denominator.clamp_min(1)
+    certainty_sum, certain = torch.zeros((), device=device), 0
+    if cfg.certainty_weight > 0 and bool(counted.any()):
+        entropy, right = certainty(model, hidden[counted], targets[counted], cfg.certainty_temperature, lean)
+        certainty_sum, certain = (entropy * right).sum(), int(right.sum())
 
     reads = batch["ar_mask"].to(device)[:, 1:]
     ar_sum = torch.zeros((), device=device)
@@ -347,6 +365,8 @@ def diffusion_loss(
             ar_sum = F.cross_entropy(project(model, enc_hidden)[:, :-1][reads], ids[:, 1:][reads], reduction="sum")
     ar = ar_sum / reads.sum().clamp_min(1)
     loss = diff + cfg.encoder_ar_weight * ar if cfg.encoder_ar_weight > 0 else diff
+    if cfg.certainty_weight > 0:
+        loss = loss + cfg.certainty_weight * certainty_sum / denominator.clamp_min(1)
     return LossOutput(
         loss=loss,
         diffusion_loss=diff.detach(),
@@ -361,4 +381,6 @@ def diffusion_loss(
         diffusion_sum=diff_sum,
         ar_sum=ar_sum,
         counts=torch.stack([denominator, reads.sum()]).to(torch.float64),
+        certainty_sum=certainty_sum,
+        certain_tokens=certain,
     )

@@ -113,7 +113,7 @@ class DiffusionTrainer(Trainer):
             # this micro-batch's share of the step's loss: sums over the step's counted tokens of every process,
             # times the processes, as DDP and FSDP average gradients (not a mean of per-process means)
             den = num_items_in_batch.clamp_min(1)
-            loss = out.diffusion_sum / den[0]
+            loss = (out.diffusion_sum + self.objective.certainty_weight * out.certainty_sum) / den[0]
             if self.objective.encoder_ar_weight > 0:
                 loss = loss + self.objective.encoder_ar_weight * out.ar_sum / den[1]
             loss = loss * self.accelerator.num_processes
@@ -147,13 +147,18 @@ class DiffusionTrainer(Trainer):
         """One global micro-batch in the trace: its loss over every process's tokens, its rows in global order."""
         weight = self.objective.encoder_ar_weight
         sums = torch.stack([out.diffusion_sum.detach().double(), out.ar_sum.detach().double()])
-        stats = torch.cat([sums, out.counts.to(sums.device)])
+        certainty = out.certainty_sum.detach().double().reshape(1).to(sums.device)
+        stats = torch.cat([sums, out.counts.to(sums.device), certainty])
         if self.args.world_size > 1:
             stats = self.accelerator.reduce(stats, reduction="sum")
             rows = self.accelerator.gather(rows)
         diffusion = float(stats[0] / stats[2].clamp_min(1))
         ar = float(stats[1] / stats[3].clamp_min(1))
         loss = diffusion + weight * ar if weight > 0 else diffusion
+        if self.objective.certainty_weight > 0:  # the penalty's part of the loss, before its weight
+            certain = float(stats[4] / stats[2].clamp_min(1))
+            loss += self.objective.certainty_weight * certain
+            self._parts.setdefault("certainty_loss", []).append(certain)
         if not math.isfinite(loss):  # before backward: nothing of it reaches the weights (on every process alike)
             raise GuardTripped(f"step {self.state.global_step + 1}: the loss is {loss} (training rows "
                                f"{rows.tolist()})")

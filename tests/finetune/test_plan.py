@@ -17,6 +17,21 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 MEASURE = {**ENV, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
+def test_the_certainty_penalty_is_planned_as_its_own_part_on_the_26b_config():
+    """objective=fast keeps the decoder's scored hidden rows a second time and a larger head chunk: a part of the
+    plan of exactly that size, absent when certainty_weight is 0."""
+    from finetune.config import compose
+    from finetune.plan import plan
+
+    plain, fast = (plan(compose(["recipe=chat_spark", "hardware=dgx_spark", *o])) for o in ([], ["objective=fast"]))
+    parts = dict((name, size) for name, size, _ in fast.parts)
+    assert "certainty penalty" not in dict((name, size) for name, size, _ in plain.parts)
+    tokens = 1 * 256  # the Spark profile: batch 1, one 256-token canvas per step (data.supervise=last)
+    rows = 256 * 2**20 // (4 * 262144)  # the GPU chunk: 256 MiB of fp32 logits over the full vocabulary
+    assert parts["certainty penalty"] == tokens * 2816 * 2 + tokens * 9 + rows * 262144 * 4
+    assert fast.peak - plain.peak == parts["certainty penalty"]
+
+
 @pytest.fixture(scope="module")
 def mid_model(tmp_path_factory, tokenizer):
     """A mid-size DiffusionGemma where the model dominates (hidden 512, 4 layers, 32 experts of 256, top 4,
