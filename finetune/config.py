@@ -155,6 +155,10 @@ class DataSettings:
     # rename map {their column: ours}, e.g. data.columns="{question: prompt, answer: completion}" (typed Any: Hydra
     # cannot add keys to a typed Dict from the command line)
     columns: Optional[Any] = None
+    # whose answers train: data (the rows' own) | base (the base model's answer to each training prompt, generated
+    # once before LoRA with eval.generation's sampler and cached: self-distillation, for objective=fast; held-out
+    # rows keep the data's references)
+    answers: str = "data"
 
     def __post_init__(self):
         if self.columns is not None and not (isinstance(self.columns, dict) and all(
@@ -162,7 +166,7 @@ class DataSettings:
             raise UserError(f"data.columns={self.columns!r}: give a map of column names, e.g. "
                             "data.columns=\"{question: prompt, answer: completion}\"")
         for key, allowed in (("overlong", ("drop", "truncate")), ("supervise", ("last", "all")),
-                             ("on_bad_row", ("error", "skip"))):
+                             ("on_bad_row", ("error", "skip")), ("answers", ("data", "base"))):
             if getattr(self, key) not in allowed:
                 raise UserError(f"data.{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
         if not 0.0 < self.text_prompt_fraction < 1.0:

@@ -63,6 +63,27 @@ def samples_while_training(cfg: DictConfig, tokenizer, eval_rows, eval_ex, data_
                     tensorboard=tensorboard)]
 
 
+def base_answers(cfg: DictConfig, model, tokenizer, train_rows, data_settings, canvas_length: int, path: str,
+                 main: bool):
+    """data.answers=base: the training rows with the base's own last answers (finetune/data/answers.py), rebuilt
+    into examples; process 0 generates and caches them, the others of a launch read the cache."""
+    from eval.generation import GenerationSettings
+    from finetune.data import build_examples
+    from finetune.data.answers import with_base_answers
+
+    gen = GenerationSettings(**OmegaConf.to_container(cfg.eval.generation, resolve=True))
+    model_id = f"{path}@{base_commit(model) or base_identity(model)}"
+    if not main:
+        distributed.barrier()  # process 0 writes the cache first
+    rows, answered = with_base_answers(train_rows, model, tokenizer, data_settings, gen, canvas_length,
+                                       cfg.cache_dir, model_id, writer=main)
+    if main:
+        distributed.barrier()
+    examples, stats = build_examples(rows, tokenizer, data_settings, canvas_length,
+                                     f"data.train ({data_settings.train}, the base's answers)")
+    return rows, examples, stats, answered
+
+
 def training_objective(cfg: DictConfig, tokenizer=None) -> ObjectiveConfig:
     """The objective settings, and whether the LoRA placement can train them."""
     objective = objective_settings(cfg.objective, tokenizer)
@@ -216,6 +237,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     if data_settings.supervise == "all" and turns > 1:  # the plan before loading counted one canvas per example
         refuse_if_it_cannot_fit(cfg, turns)
 
+    if data_settings.answers == "base":  # the base's own answers, before any LoRA exists: no second copy held
+        train_rows, train_ex, train_stats, answered = base_answers(cfg, model, tokenizer, train_rows, data_settings,
+                                                                    canvas_length, path, main)
     # Nothing is written before here: a run that cannot start leaves no directory (see finetune.__main__).
     os.makedirs(run_dir, exist_ok=True)
     if main:  # rank 0 writes the run's files; the others train and leave
@@ -230,6 +254,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         preflight.write(run_dir, text, preflight_data)
     print(f"data: train {train_stats.kept}/{train_stats.read} rows kept ({train_stats.targets} turns), "
           f"eval {eval_stats.kept}/{eval_stats.read} (details: {run_dir}/preflight.txt)")
+    if data_settings.answers == "base":
+        print(f"data.answers=base: {answered['replaced']} training answers are the base's own"
+              + (f", {answered['kept_data_answer_empty']} kept the data's (the base gave no text)"
+                 if answered["kept_data_answer_empty"] else "") + f" ({answered['cache']})")
     if eval_stats.held_out:
         print(f"data.eval: {eval_stats.held_out}")
 
@@ -277,7 +305,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
             "loss_last": sum(losses[-10:]) / len(losses[-10:]),
             "log_history": trainer.state.log_history,
         },
-        "data": {"train": train_stats.summary(), "eval": eval_stats.summary()},
+        "data": {"train": train_stats.summary(), "eval": eval_stats.summary(),
+                 **({"answers": answered} if data_settings.answers == "base" else {})},
     }
     # a full disk from here on: the trained adapter is safe, and the same command would refuse a finished run
     saved = f"the adapter is saved in {run_dir}/adapter (python -m eval adapter={run_dir}/adapter evaluates it)"
