@@ -138,11 +138,8 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
         The softmax part is recomputed tile by tile; the onehot part is one row of the weight per position."""
         hidden, weight, targets, lse, picked = ctx.saved_tensors
         cap = ctx.cap
-        rows, cols = geometry(weight.shape[0], hidden.device)
-        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        rows, cols, want_hidden, want_weight, grad_hidden, grad_weight = _backward_buffers(ctx, hidden, weight)
         grad_losses = grad_losses.float()
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         for r in range(0, hidden.shape[0], rows):
             h, upstream, shift = hidden[r : r + rows], grad_losses[r : r + rows, None], lse[r : r + rows, None]
             for v in range(0, weight.shape[0], cols):
@@ -172,6 +169,16 @@ def lean_head(lm_head) -> bool:
 def softcapped_cross_entropy(lm_head, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Per-position cross-entropy (fp32, shape (N,)) of the soft-capped logits of ``hidden`` (N, H)."""
     return _SoftcappedCrossEntropy.apply(hidden, lm_head.weight, targets.to(hidden.device), cap)
+
+
+def _backward_buffers(ctx, hidden, weight):
+    """What a tiled backward fills: (tile rows, tile columns, whether hidden and weight want gradients, the fp32
+    gradient of hidden, the fp32 gradient of weight or None)."""
+    rows, cols = geometry(weight.shape[0], hidden.device)
+    want_hidden, want_weight = ctx.needs_input_grad[:2]
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+    return rows, cols, want_hidden, want_weight, grad_hidden, grad_weight
 
 
 class _SoftcappedEntropy(torch.autograd.Function):
@@ -220,11 +227,8 @@ class _SoftcappedEntropy(torch.autograd.Function):
     def backward(ctx, grad_entropy, _grad_correct):
         hidden, weight, lse, entropy = ctx.saved_tensors
         cap, tau = ctx.cap, ctx.tau
-        rows, cols = geometry(weight.shape[0], hidden.device)
-        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        rows, cols, want_hidden, want_weight, grad_hidden, grad_weight = _backward_buffers(ctx, hidden, weight)
         grad_entropy = grad_entropy.float()
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         for r in range(0, hidden.shape[0], rows):
             h = hidden[r : r + rows]
             upstream = grad_entropy[r : r + rows, None] / -tau
