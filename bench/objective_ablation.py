@@ -80,7 +80,7 @@ def run_one(job: dict) -> list[dict]:
     model = attach_lora(model, LoraSettings())
     data = DataSettings(supervise=TASKS[job["task"]], seed=job["seed"])
     examples, _ = build_examples(task_rows(job["task"], job["rows"], job["seed"]), tokenizer, data, canvas, "train")
-    overrides = objective_overrides(job["setting"])
+    overrides = dict(job["overrides"]) if "overrides" in job else objective_overrides(job["setting"])
     if overrides.get("corruption") == "mask":
         overrides["mask_token_id"] = tokenizer.mask_token_id
     objective = ObjectiveConfig(**overrides)
@@ -117,13 +117,14 @@ def evaluate(model, tokenizer, rows, data, canvas: int, job: dict) -> dict:
     from eval.generation import generate, sized, speed_summary
     from eval.loss import heldout_loss
     from eval.scorers import exact_match
+    from eval.speed_curve import tokens_per_forward
     from finetune.config import GenerationSettings, ObjectiveConfig
     from finetune.data import build_examples, eval_prompts
 
     pairs = eval_prompts(rows, tokenizer, data)
     examples, _ = build_examples(rows, tokenizer, data, canvas, "held-out")
     result = {}
-    for name, sampler in (("default", {}), ("fast", FAST)):
+    for name, sampler in job.get("samplers") or (("default", {}), ("fast", FAST)):
         # max_new_tokens: the references' canvases plus one, as the run's evaluation sizes them
         settings, _ = sized(GenerationSettings(seed=job["seed"], **sampler), examples, canvas,
                             data.max_response_canvases)
@@ -131,6 +132,8 @@ def evaluate(model, tokenizer, rows, data, canvas: int, job: dict) -> dict:
         speed = speed_summary(gens, settings.max_denoising_steps)
         result[f"exact_match_{name}"] = sum(exact_match(g.text, r) for g, (_, r, _) in zip(gens, pairs)) / len(pairs)
         result[f"tokens_per_forward_{name}"] = speed["tokens_per_forward_pooled"]
+        # every encoder and decoder forward counted (eval/speed_curve.py), as the speed curve counts them
+        result[f"tokens_per_any_forward_{name}"] = tokens_per_forward(gens)["tokens_per_forward_pooled"]
         result[f"steps_per_canvas_{name}"] = speed["steps_per_canvas"]
     losses = heldout_loss(model, examples, ObjectiveConfig(), canvas, tokenizer.pad_token_id, t_values=HELDOUT_T,
                           batches=2, seed=0)
@@ -163,7 +166,8 @@ def run_jobs(jobs: list[dict], results_path: str, workers: int) -> tuple[list[di
                 done[key(scores[0])] = scores
                 print(f"[{i + 1}/{len(todo)} {time.monotonic() - started:.0f}s] {scores[0]['setting']} "
                       f"{scores[0]['task']} lr={scores[0]['lr']} seed={scores[0]['seed']}: exact match " + ", ".join(
-                          f"{r['exact_match_default']:.2f} (fast {r['exact_match_fast']:.2f}) at {r['steps']}"
+                          " ".join(f"{k[len('exact_match_'):]} {v:.2f}" for k, v in r.items()
+                                   if k.startswith("exact_match_")) + f" at {r['steps']}"
                           for r in scores) + f"; held-out loss {scores[-1]['heldout_loss']:.3f}", flush=True)
     return [r for j in jobs for r in done[key(j)]], len(todo)
 

@@ -222,3 +222,47 @@ def test_the_experts_bench_names_the_setting_its_numbers_call_for(bench):
     assert recommendation({"eager": 1.0, "grouped_mm": 2.0}, "cuda").startswith(
         "use model.experts_implementation=eager: x2.00")
     assert "=auto (it picks eager" in recommendation({"eager": 1.0, "grouped_mm": 0.99}, "cpu")
+
+
+@pytest.mark.slow
+def test_speed_ablation_quick_scores_every_sampler_point_and_writes_the_tables_and_plot(default_run, tmp_path):
+    """bench/speed_ablation.py --quick, CI's smoke test of the script (not a quality gate): the default objective and
+    objective=fast's penalty, one seed, each adapter at two sampler points; the tables, the plot; a rerun reuses."""
+    import subprocess
+
+    command = [sys.executable, "bench/speed_ablation.py", "--quick", "--workers", "1", "--out", str(tmp_path)]
+    env = {**default_run[1], "OMP_NUM_THREADS": "1"}  # the cached tiny base of the default run
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "speed_results.jsonl").read_text().splitlines()]
+    assert sorted(r["setting"] for r in rows) == ["certainty=0.5 (objective=fast)", "default"]
+    for r in rows:
+        for point in ("b0.1_s8", "b2_s8"):
+            assert 0 <= r[f"exact_match_{point}"] <= 1 and r[f"tokens_per_any_forward_{point}"] > 0
+            # the encoder passes count too: fewer tokens per forward than transformers' decoder-only count
+            assert r[f"tokens_per_any_forward_{point}"] < r[f"tokens_per_forward_{point}"]
+            assert 0 < r[f"steps_per_canvas_{point}"] <= 8
+    table = (tmp_path / "SPEED.md").read_text()
+    assert "`python bench/speed_ablation.py --quick" in table
+    assert "## Area under the score-parallelism frontier" in table
+    assert "within the noise of the default's best on" in table
+    assert table.count("| default | ") == 3 and table.count("| certainty=0.5 (objective=fast) | ") == 3
+    assert (tmp_path / "speed.png").stat().st_size > 10_000
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "2 runs, 2 already in" in again.stdout, again.stderr[-2000:]
+
+
+def test_speed_verdict_compares_the_fastest_points_within_the_noise_of_the_default_objectives_best():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from speed_ablation import verdict
+
+    # (tokens per forward, mean exact match, 95% half-width) per sampler point
+    default = [(1.0, 0.90, 0.02), (2.0, 0.88, 0.02), (4.0, 0.40, 0.1)]
+    # the floor is 0.90 - max(0.05, 0.02): the default objective's own fastest point there is 2.0 tokens per forward
+    floor, mine, theirs, ratio = verdict(default, [(1.5, 0.95, 0.0), (5.0, 0.86, 0.0), (9.0, 0.5, 0.0)], 0.05)
+    assert floor == pytest.approx(0.85) and mine == (2.0, 0.88) and theirs == (5.0, 0.86)
+    assert ratio == pytest.approx(2.5)
+    # a wide interval widens the floor; a setting that never reaches it has no point and no ratio
+    assert verdict([(1.0, 0.9, 0.3), (3.0, 0.61, 0.0)], [(2.0, 0.5, 0.0)], 0.05)[1:] == ((3.0, 0.61), None, None)
+    # a task the default objective never learnt is no test: faster wrong answers are not a win
+    assert verdict([(1.0, 0.02, 0.0)], [(9.0, 0.0, 0.0)], 0.05)[1:] == (None, None, None)
