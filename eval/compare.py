@@ -3,16 +3,17 @@ changed anything, a benchmark for what it may have broken, and an optional speed
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import asdict, replace
 
 from eval.adapter_check import adapter_check, changed_fraction
-from eval.generation import Generation, GenerationSettings, generate, generation_kwargs, sized, speed_summary
+from eval.generation import GenerationSettings, generate, generation_kwargs, sized
 from eval.loss import heldout_loss
-from eval.scorers import exact_match, resolve_scorer, score_all
+from eval.scorers import resolve_scorer
 from eval.sets import EvalSet, benchmark_set, heldout_set
+from eval.sides import score_side, sides
+from eval.speed_curve import speed_curve
 from finetune.config import DataSettings, SpeedCurveSettings, eval_settings
 from finetune.errors import UserError
 from finetune.model import base_of
@@ -100,47 +101,17 @@ def validate(eval_cfg) -> dict:
     return eval_cfg
 
 
-def _sides(peft_model, has_adapter: bool):
-    """(name, context) pairs: the base is the same model with its adapter switched off."""
-    if has_adapter:
-        yield "base", peft_model.disable_adapter()
-        yield "adapter", contextlib.nullcontext()
-    else:
-        yield "base", contextlib.nullcontext()
-
-
-def _score_side(eval_set: EvalSet, gens: list[Generation], gen: GenerationSettings, losses: dict | None) -> dict:
-    texts = [g.text for g in gens]
-    per_example = score_all(eval_set.scorers, texts, eval_set.references)
-    scores = {name: sum(v) / max(len(v), 1) for name, v in per_example.items()}
-    speed = speed_summary(gens, gen.max_denoising_steps)
-    side = {
-        "score": scores[eval_set.scorers[0]],
-        "scores": scores,
-        # always present: the end-of-run summary and older metrics.json readers use it
-        "exact_match": sum(exact_match(t, r) for t, r in zip(texts, eval_set.references)) / max(len(texts), 1),
-        "answers_cut": 1.0 - speed["finished_fraction"] if gens else 0.0,  # did not end within max_new_tokens
-        "tokens_per_forward": speed["tokens_per_forward"],
-        "speed": speed,
-    }
-    if losses is not None:
-        side["heldout_loss_by_t"] = losses
-        side["heldout_loss_mean"] = sum(losses.values()) / len(losses)
-    side["_per_example"] = per_example
-    return side
-
-
 def evaluate_set(peft_model, tokenizer, eval_set: EvalSet, gen: GenerationSettings, loss_kwargs: dict | None,
                  has_adapter: bool, n_samples: int = 8) -> dict:
     """Loss, generations, scores and speed for base (and adapter) on one set; generations side by side."""
     result, gens = {"name": eval_set.name, "source": eval_set.source, "examples": len(eval_set.prompts),
                     "scorers": eval_set.scorers}, {}
-    for name, ctx in _sides(peft_model, has_adapter):
+    for name, ctx in sides(peft_model, has_adapter):
         with ctx:
             losses = heldout_loss(peft_model, eval_set.examples, **loss_kwargs) if loss_kwargs and eval_set.examples \
                 else None
             gens[name] = generate(peft_model, tokenizer, eval_set.prompts, gen, desc=f"{eval_set.name}: {name}")
-        result[name] = _score_side(eval_set, gens[name], gen, losses)
+        result[name] = score_side(eval_set, gens[name], gen, losses)
     rows = []
     for i, (inp, ref) in enumerate(zip(eval_set.inputs, eval_set.references)):
         row = {"input": inp, "reference": ref}
@@ -170,13 +141,13 @@ def sweep(peft_model, tokenizer, eval_set: EvalSet, gen: GenerationSettings, spe
     param = spec["param"]
     cast = int if param == "max_denoising_steps" else float
     out = {"param": param, "values": [cast(v) for v in spec["values"]], **{name: [] for name, _ in
-                                                                            _sides(peft_model, has_adapter)}}
+                                                                            sides(peft_model, has_adapter)}}
     for value in out["values"]:
         settings = replace(gen, **{param: value})
-        for name, ctx in _sides(peft_model, has_adapter):
+        for name, ctx in sides(peft_model, has_adapter):
             with ctx:
                 gens = generate(peft_model, tokenizer, eval_set.prompts, settings, desc=f"sweep {param}={value} {name}")
-            side = _score_side(eval_set, gens, settings, None)
+            side = score_side(eval_set, gens, settings, None)
             out[name].append({"value": value, "score": side["score"], **side["speed"]})
     return out
 
@@ -208,11 +179,11 @@ def _canvases(n) -> str:
 
 def cut_caveats(block: dict, tokens: dict, where: str) -> list[str]:
     """The answers-cut caveat of a set: a score of answers cut at max_new_tokens says little about the task."""
-    sides = [s for s in SIDES if s in block]
+    present = [s for s in SIDES if s in block]
     limit, canvases, needed = tokens.get("max_new_tokens"), tokens.get("canvases"), tokens.get("reference_canvases")
     too_small = bool(limit and needed and limit < tokens["reference_tokens"])
     out = []
-    cut = {s: block[s]["answers_cut"] for s in sides}
+    cut = {s: block[s]["answers_cut"] for s in present}
     if any(v > 0 for v in cut.values()):
         who = " and ".join(f"{v:.0%} of {s}" for s, v in cut.items())
         why = (f"the longest reference needs {_canvases(needed)}, so raise eval.generation.max_new_tokens (null sizes "
@@ -345,8 +316,6 @@ def _compare(peft_model, tokenizer, pairs, examples, objective, canvas_length, e
         report["sweep"] = sweep(peft_model, tokenizer, heldout, gen, eval_cfg["sweep"], has_adapter)
     curve = active_speed_curve(eval_cfg)
     if curve:
-        from eval.speed_curve import speed_curve
-
         report["speed_curve"] = speed_curve(peft_model, tokenizer, heldout, gen, curve, has_adapter,
                                             float(eval_cfg["regression_tolerance"]))
     report["verdict"] = verdict(report, float(eval_cfg["regression_tolerance"]), float(eval_cfg["speed_tolerance"]))

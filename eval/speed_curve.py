@@ -31,9 +31,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
-from eval.compare import _score_side, _sides
 from eval.generation import Generation, GenerationSettings, generate
 from eval.sets import EvalSet
+from eval.sides import score_side, sides
 from finetune.config import SpeedCurveSettings
 
 AREA_DEFINITION = (
@@ -139,7 +139,7 @@ def speed_curve(peft_model, tokenizer, eval_set: EvalSet, gen: GenerationSetting
     the area per side and the best training-free point vs the default sampler."""
     points = grid(spec, gen)
     timed = eval_set.prompts[: spec.timing_prompts]
-    sides = [name for name, _ in _sides(peft_model, has_adapter)]
+    names = [name for name, _ in sides(peft_model, has_adapter)]
     out = {"definition": AREA_DEFINITION, "forwards": FORWARDS_DEFINITION, "best_definition": BEST_DEFINITION,
            "scorer": eval_set.scorers[0],
            "grid": {"max_denoising_steps": list(spec.max_denoising_steps), "entropy_bound": list(spec.entropy_bound)},
@@ -150,18 +150,18 @@ def speed_curve(peft_model, tokenizer, eval_set: EvalSet, gen: GenerationSetting
                      f"the first {len(timed)} held-out prompts; scores and tokens per forward over all "
                      f"{len(eval_set.prompts)} at eval.generation.batch_size {gen.batch_size}",
            "examples": len(eval_set.prompts), "timed_answers": len(timed)}
-    per_example = {name: [] for name in sides}
-    for name in sides:
+    per_example = {name: [] for name in names}
+    for name in names:
         out[name] = {"points": []}
     for steps, bound, is_default in points:
         settings = replace(gen, max_denoising_steps=steps, entropy_bound=bound)
-        for name, ctx in _sides(peft_model, has_adapter):
+        for name, ctx in sides(peft_model, has_adapter):
             with ctx:
                 gens = generate(peft_model, tokenizer, eval_set.prompts, settings,
                                 desc=f"speed curve steps={steps} bound={bound:g} {name}")
                 one = generate(peft_model, tokenizer, timed, replace(settings, batch_size=1),
                                desc=f"speed curve batch 1 steps={steps} bound={bound:g} {name}") if timed else []
-            side = _score_side(eval_set, gens, settings, None)
+            side = score_side(eval_set, gens, settings, None)
             per_example[name].append([float(v) for v in side["_per_example"][eval_set.scorers[0]]])
             out[name]["points"].append({
                 "max_denoising_steps": steps, "entropy_bound": bound, "default": is_default,
@@ -170,7 +170,7 @@ def speed_curve(peft_model, tokenizer, eval_set: EvalSet, gen: GenerationSetting
                 "finished_fraction": side["speed"]["finished_fraction"],
                 "seconds_per_answer": sum(g.seconds for g in one) / len(one) if one else None,
             })
-    for name in sides:
+    for name in names:
         pts = out[name]["points"]
         out[name]["area"] = area([(p["tokens_per_forward"], p["score"]) for p in pts])
         out[name]["frontier"] = [{"tokens_per_forward": x, "score": y}
