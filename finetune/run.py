@@ -67,15 +67,21 @@ def base_answers(cfg: DictConfig, model, tokenizer, train_rows, data_settings, c
                  main: bool):
     """data.answers=base: the training rows with the base's own last answers (finetune/data/answers.py), rebuilt
     into examples; process 0 generates and caches them, the others of a launch read the cache."""
-    from eval.generation import GenerationSettings
+    from eval.generation import GenerationSettings, generate
     from finetune.data import build_examples
     from finetune.data.answers import with_base_answers
+
+    def answer(prompts, generation):
+        was_training = model.training
+        gens = generate(model.eval(), tokenizer, prompts, generation, desc="base answers")
+        model.train(was_training)
+        return [g.text for g in gens]
 
     gen = GenerationSettings(**OmegaConf.to_container(cfg.eval.generation, resolve=True))
     model_id = f"{path}@{base_commit(model) or base_identity(model)}"
     if not main:
         distributed.barrier()  # process 0 writes the cache first
-    rows, answered = with_base_answers(train_rows, model, tokenizer, data_settings, gen, canvas_length,
+    rows, answered = with_base_answers(train_rows, answer, tokenizer, data_settings, gen, canvas_length,
                                        cfg.cache_dir, model_id, writer=main)
     if main:
         distributed.barrier()

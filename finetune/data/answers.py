@@ -19,6 +19,7 @@ import os
 from dataclasses import asdict, replace
 
 from finetune import disk
+from finetune.config import GenerationSettings
 from finetune.data.render import Renderer, _strip_thinking, conversation
 from finetune.data.sources import BadRow, Row
 from finetune.errors import UserError
@@ -49,14 +50,13 @@ def cache_key(model_id: str, tokenizer, prompts: list[str], generation) -> str:
     return digest.hexdigest()[:20]
 
 
-def with_base_answers(rows: list, model, tokenizer, settings, generation, canvas_length: int, cache_dir: str,
-                      model_id: str, writer: bool = True) -> tuple[list[Row], dict]:
+def with_base_answers(rows: list, answer, tokenizer, settings, generation: GenerationSettings, canvas_length: int,
+                      cache_dir: str, model_id: str, writer: bool = True) -> tuple[list[Row], dict]:
     """``rows`` with each usable row's last assistant turn replaced by the base's answer to it, and a summary (cache
-    file, rows replaced, rows that kept the data's answer because the base gave no text). ``generation``:
-    eval.generation's settings; max_new_tokens unset means data.max_response_canvases canvases. ``writer``: this
-    process generates and writes the cache when it is missing (the others of a launch read it)."""
-    from eval.generation import generate
-
+    file, rows replaced, rows that kept the data's answer because the base gave no text). ``answer(prompts,
+    generation)``: the base's answer texts (the caller's sampler: evaluation comes after the data layer);
+    ``generation``: eval.generation's settings, max_new_tokens unset meaning data.max_response_canvases canvases.
+    ``writer``: this process generates and writes the cache when it is missing (the others of a launch read it)."""
     rows = [r if isinstance(r, Row) else Row(r, f"data.train row {i}") for i, r in enumerate(rows)]
     renderer = Renderer(tokenizer, settings)
     prompts = [_prompt_of(r, renderer, settings) for r in rows]
@@ -70,12 +70,9 @@ def with_base_answers(rows: list, model, tokenizer, settings, generation, canvas
         if not writer:
             raise UserError(f"data.answers=base: {path} is missing on this process; the first process writes it")
         print(f"data.answers=base: the base answers {len(asked)} training prompts once (cached in {path})")
-        was_training = model.training
-        gens = generate(model.eval(), tokenizer, asked, generation, desc="base answers")
-        model.train(was_training)
+        texts = list(answer(asked, generation))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        disk.write_json(path, {"model": model_id, "generation": asdict(generation),
-                               "answers": [g.text for g in gens]})
+        disk.write_json(path, {"model": model_id, "generation": asdict(generation), "answers": texts})
     with open(path) as f:
         answers = json.load(f)["answers"]
     if len(answers) != len(asked):
