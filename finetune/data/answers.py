@@ -73,22 +73,27 @@ def with_base_answers(rows: list, answer, tokenizer, settings, generation: Gener
         texts = list(answer(asked, generation))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         disk.write_json(path, {"model": model_id, "generation": asdict(generation), "answers": texts})
-    with open(path) as f:
-        answers = json.load(f)["answers"]
-    if len(answers) != len(asked):
-        raise UserError(f"{path} holds {len(answers)} answers for {len(asked)} prompts: delete it to generate again")
+    try:
+        with open(path) as f:
+            answers = json.load(f)["answers"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"data.answers=base: cannot read {path} ({e}): delete it to generate the answers again") \
+            from None
+    if not isinstance(answers, list) or len(answers) != len(asked):
+        raise UserError(f"data.answers=base: {path} does not hold {len(asked)} answers, one per training prompt: "
+                        "delete it to generate them again")
     out, replaced, empty, it = [], 0, 0, iter(answers)
     for row, prompt in zip(rows, prompts):
         if prompt is None:
             out.append(row)
             continue
-        answer = next(it).strip()
-        if not answer:  # nothing to learn from an empty turn: the data's answer stays, counted
+        text = next(it).strip()
+        if not text:  # nothing to learn from an empty turn: the data's answer stays, counted
             empty += 1
             out.append(row)
             continue
         messages = conversation(row.data, settings)
-        messages[-1] = {"role": "assistant", "content": answer}
+        messages[-1] = {"role": "assistant", "content": text}
         out.append(Row({"messages": messages}, f"{row.where} (the base's answer)"))
         replaced += 1
     summary = {"cache": path, "cached": cached, "replaced": replaced, "kept_data_answer_empty": empty,

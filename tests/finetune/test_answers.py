@@ -61,6 +61,13 @@ def test_the_run_trains_on_the_bases_answers_generated_once_and_cached(local_bas
     again = run(compose(args_for(local_base, tmp_path / "run2", tmp_path / "cache", "objective=fast")))
     assert again["data"]["answers"]["cached"] and again["data"]["answers"]["cache"] == answered["cache"]
 
+    # a cache file that is not what it should be is one error naming it, before anything is written
+    with open(answered["cache"], "w") as f:
+        f.write('{"answers": ["one"]}')
+    with pytest.raises(UserError, match=f"{answered['cache']} does not hold 12 answers.*delete it"):
+        run(compose(args_for(local_base, tmp_path / "run3", tmp_path / "cache")))
+    assert not (tmp_path / "run3").exists()
+
 
 def test_plain_text_rows_are_refused_with_their_place(local_base, tmp_path):
     from finetune.config import compose
