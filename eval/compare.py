@@ -12,7 +12,7 @@ from eval.generation import GenerationSettings, generate, generation_kwargs, siz
 from eval.loss import heldout_loss
 from eval.scorers import resolve_scorer
 from eval.sets import EvalSet, benchmark_set, heldout_set
-from eval.sides import score_side, sides
+from eval.sides import paired, score_side, sides
 from eval.speed_curve import speed_curve
 from finetune.config import DataSettings, SpeedCurveSettings, eval_settings
 from finetune.errors import UserError
@@ -155,12 +155,7 @@ def sweep(peft_model, tokenizer, eval_set: EvalSet, gen: GenerationSettings, spe
 def paired_delta(generations: list[dict], scorer: str) -> tuple[float, float]:
     """Mean adapter-minus-base score over the same examples, and its standard error (paired, so the noise of
     which examples were drawn cancels)."""
-    d = [float(g["adapter"][scorer]) - float(g["base"][scorer]) for g in generations]
-    n = len(d)
-    if n < 2:
-        return (d[0] if d else 0.0), 0.0
-    mean = sum(d) / n
-    return mean, (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
+    return paired([g["adapter"][scorer] for g in generations], [g["base"][scorer] for g in generations])
 
 
 def outcome(delta: float, delta_se: float, examples: int, tolerance: float) -> str:

@@ -1,5 +1,6 @@
 """Base and adapter as the two sides of every comparison: the same model with its adapter switched off and on, and
-one side's scores from its generations (used by the comparison, the sweep and the speed curve)."""
+one side's scores from its generations, and paired differences between sides or settings (used by the comparison,
+the sweep and the speed curve)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ def score_side(eval_set: EvalSet, gens: list[Generation], gen: GenerationSetting
         side["heldout_loss_mean"] = sum(losses.values()) / len(losses)
     side["_per_example"] = per_example
     return side
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a - b over the same examples and its standard error (paired, so the noise of which examples were drawn
+    cancels); one example or none: its difference (or 0) and no error."""
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(d)
+    if n < 2:
+        return (d[0] if d else 0.0), 0.0
+    mean = sum(d) / n
+    return mean, (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5

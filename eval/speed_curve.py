@@ -33,7 +33,7 @@ from dataclasses import replace
 
 from eval.generation import Generation, GenerationSettings, generate
 from eval.sets import EvalSet
-from eval.sides import score_side, sides
+from eval.sides import paired, score_side, sides
 from finetune.config import SpeedCurveSettings
 
 AREA_DEFINITION = (
@@ -100,15 +100,6 @@ def area(points: list[tuple[float, float]]) -> float:
     return total
 
 
-def _paired_se(a: list[float], b: list[float]) -> float:
-    d = [float(x) - float(y) for x, y in zip(a, b)]
-    n = len(d)
-    if n < 2:
-        return 0.0
-    mean = sum(d) / n
-    return (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
-
-
 def best_training_free(points: list[dict], per_example: list[list[float]], tolerance: float) -> dict | None:
     """BEST_DEFINITION: the index of the fastest point within the noise of the best score, with the noise used."""
     if not points:
@@ -116,7 +107,7 @@ def best_training_free(points: list[dict], per_example: list[list[float]], toler
     top = max(range(len(points)), key=lambda i: (points[i]["score"], points[i]["tokens_per_forward"]))
     within = []
     for i, p in enumerate(points):
-        noise = max(tolerance, 2 * _paired_se(per_example[top], per_example[i]))
+        noise = max(tolerance, 2 * paired(per_example[top], per_example[i])[1])
         if points[top]["score"] - p["score"] <= noise:
             within.append((p["tokens_per_forward"], p["score"], i, noise))
     speed, score, index, noise = max(within)
