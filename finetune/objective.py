@@ -335,8 +335,9 @@ def diffusion_loss(
     hidden = hidden.view(bsz, k_slots, canvas_length, -1)[target_example, slot]  # (T, C, H), target order
 
     counted = corrupted if cfg.loss_on == "corrupted" else supervised
+    scored, scored_targets = hidden[counted], targets[counted]  # gathered once: the loss and the penalty share them
     if lean:
-        ce = cross_entropy(model, hidden[counted], targets[counted])
+        ce = cross_entropy(model, scored, scored_targets)
     else:  # stock: logits of every canvas position, then the counted ones
         ce = F.cross_entropy(project(model, hidden)[counted], targets[counted], reduction="none")
     weights = (1.0 / t)[:, None].expand_as(counted)[counted] if cfg.weighting == "inverse_t" else torch.ones_like(ce)
@@ -352,7 +353,7 @@ def diffusion_loss(
     diff = diff_sum / denominator.clamp_min(1)
     certainty_sum, certain = torch.zeros((), device=device), 0
     if cfg.certainty_weight > 0 and bool(counted.any()):
-        entropy, right = certainty(model, hidden[counted], targets[counted], cfg.certainty_temperature, lean)
+        entropy, right = certainty(model, scored, scored_targets, cfg.certainty_temperature, lean)
         certainty_sum, certain = (entropy * right).sum(), int(right.sum())
 
     reads = batch["ar_mask"].to(device)[:, 1:]

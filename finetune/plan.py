@@ -323,16 +323,16 @@ def _head_bytes(config, shapes: Shapes, dtype, device: str, encoder_loss: bool) 
 
 
 def _certainty_bytes(config, shapes: Shapes, dtype, device: str) -> int:
-    """The certainty penalty's memory: the decoder's scored hidden rows it saves (a copy of its own, gathered as the
-    loss's are), its per-row log-sum-exp, entropy and target flag; and its chunk's working set beyond the loss's,
-    which runs before or after it, never beside it: fp32 logits, exponentials and their logit-weighted product (12
-    bytes an element, 16 in backward with the cast gradient) against the loss's two casts and two fp32 buffers."""
+    """The certainty penalty's memory: its per-row log-sum-exp, entropy and target flag (the scored hidden rows it
+    saves are the loss's own, gathered once: counted in the head's part); and its chunk's working set beyond the
+    loss's, which runs before or after it, never beside it: fp32 logits, exponentials and their logit-weighted product
+    (12 bytes an element, 16 in backward with the cast gradient) against the loss's two casts and two fp32 buffers."""
     from finetune.head import geometry
 
     text = config.text_config
     rows, cols = geometry(text.vocab_size, torch.device(device))
     n = shapes.decoder_tokens
-    kept = n * text.hidden_size * dtype.itemsize + n * (4 + 4 + 1)
+    kept = n * (4 + 4 + 1)
     beyond = max(0, 16 - (2 * dtype.itemsize + 8))
     return kept + rows * cols * beyond
 
@@ -430,7 +430,7 @@ def plan(cfg: DictConfig, turns: int = 1) -> Plan:
                          "one chunk of logits at a time (finetune/head.py)"))
     if objective.get("certainty_weight", 0) > 0:
         result.parts.append(("certainty penalty", _certainty_bytes(config, shapes, dtype, device),
-                             "objective.certainty_weight: its scored hidden rows and per-row sums kept, and its "
+                             "objective.certainty_weight: its per-row sums kept, and its "
                              "chunk's buffers beyond the loss's (finetune/head.py softcapped_entropy)"))
     if objective.self_conditioning_p > 0:
         sc = shapes.decoder_tokens * hidden * (size + 4) * 2

@@ -18,8 +18,8 @@ MEASURE = {**ENV, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": 
 
 
 def test_the_certainty_penalty_is_planned_as_its_own_part_on_the_26b_config():
-    """objective=fast keeps the decoder's scored hidden rows a second time and a larger head chunk: a part of the
-    plan of exactly that size, absent when certainty_weight is 0."""
+    """objective=fast keeps three numbers per scored row (it shares the loss's gathered hidden rows) and a larger
+    head chunk: a part of the plan of exactly that size, absent when certainty_weight is 0."""
     from finetune.config import compose
     from finetune.plan import plan
 
@@ -28,7 +28,7 @@ def test_the_certainty_penalty_is_planned_as_its_own_part_on_the_26b_config():
     assert "certainty penalty" not in dict((name, size) for name, size, _ in plain.parts)
     tokens = 1 * 256  # the Spark profile: batch 1, one 256-token canvas per step (data.supervise=last)
     rows = 256 * 2**20 // (4 * 262144)  # the GPU chunk: 256 MiB of fp32 logits over the full vocabulary
-    assert parts["certainty penalty"] == tokens * 2816 * 2 + tokens * 9 + rows * 262144 * 4
+    assert parts["certainty penalty"] == tokens * 9 + rows * 262144 * 4
     assert fast.peak - plain.peak == parts["certainty penalty"]
 
 
