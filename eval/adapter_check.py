@@ -15,24 +15,32 @@ def lora_delta_norms(model) -> dict[str, dict]:
     Encoder modules that share their decoder twin's matrices (lora.placement=shared) are listed once, under the
     decoder's name. ||B A||_F^2 = sum((B^T B) * (A A^T)), so no out x in matrix is built (r x r only).
     """
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer, ParamWrapper
 
     seen, norms = set(), {}
     modules = sorted(model.named_modules(), key=lambda item: ".decoder." not in item[0])  # stable: decoder first
     for name, module in modules:
         if not isinstance(module, LoraLayer):
             continue
+        experts = isinstance(module, ParamWrapper)  # LoRA on the experts (finetune.expert_lora): one per expert
+        if experts:
+            name = f"{name.replace('.base_layer', '')}.{module.parameter_name}"
         for key in module.active_adapters:
             if key not in module.lora_A or not hasattr(module.lora_A[key], "weight"):
-                continue  # not a Linear-style LoRA (e.g. target_parameters); no dense delta to measure here
+                continue  # not a Linear-style LoRA; no dense delta to measure here
             a, b = module.lora_A[key].weight, module.lora_B[key].weight
             if (id(a), id(b)) in seen:
                 continue
             seen.add((id(a), id(b)))
             a32, b32 = a.detach().float(), b.detach().float()
-            squared = ((b32.T @ b32) * (a32 @ a32.T)).sum().clamp_min(0.0)
+            if experts:  # ||delta||_F over all experts: expert e's A is rows e*r.., its B columns e::E
+                e = module.num_experts
+                a32, b32 = a32.view(e, -1, a32.shape[-1]), b32.view(b32.shape[0], -1, e).permute(2, 0, 1)
+                squared = ((b32.transpose(1, 2) @ b32) * (a32 @ a32.transpose(1, 2))).sum().clamp_min(0.0)
+            else:
+                squared = ((b32.T @ b32) * (a32 @ a32.T)).sum().clamp_min(0.0)
             delta = float(squared.sqrt()) * float(module.scaling[key])
-            base_weight = module.get_base_layer().weight
+            base_weight = module.get_param() if experts else module.get_base_layer().weight
             base_norm = float(base_weight.detach().float().norm()) if base_weight.dtype.is_floating_point else 0.0
             norms[f"{name}[{key}]"] = {"delta_norm": delta, "relative": delta / base_norm if base_norm else None}
     return norms

@@ -178,18 +178,21 @@ class DataSettings:
                             "data.train held out when data.eval is null, or auto with your own file)")
 
 
-TARGET_PRESETS = ("attn_mlp", "attn", "mlp")
+TARGET_PRESETS = ("attn_mlp", "attn", "mlp", "attn_mlp_experts", "experts")
 PLACEMENTS = ("shared", "decoder", "separate")
 
 
 @dataclass
 class LoraSettings:
-    """LoRA on the text stack; the router, experts, embeddings and head stay frozen."""
+    """LoRA on the text stack; the router, embeddings and head stay frozen, the experts unless targets name them."""
 
     r: int = 16
     alpha: int = 32  # scale = alpha / r
-    dropout: float = 0.0
-    targets: str = "attn_mlp"  # attn_mlp (q,k,v,o + gate,up,down: every public recipe) | attn | mlp
+    dropout: float = 0.0  # must be 0 with expert targets (peft cannot factor dropout out of a per-expert delta)
+    # attn_mlp (q,k,v,o + the dense MLP's gate,up,down: every public recipe) | attn | mlp | attn_mlp_experts (those and
+    # one LoRA per routed expert on its fused gate/up and its down projection: finetune/expert_lora.py) | experts
+    targets: str = "attn_mlp"
+    expert_r: Optional[int] = None  # rank of each expert's LoRA (null: r); scale alpha / expert_r
     # Encoder and decoder are one weight-tied stack run twice. shared: one LoRA used by both passes (keeps the tie,
     # merges into one tensor) | decoder: the denoiser only, encoder frozen (least memory; needs
     # objective.encoder_ar_weight=0) | separate: independent encoder and decoder LoRA (cannot merge into the tie)
@@ -200,6 +203,20 @@ class LoraSettings:
             raise UserError(f"lora.targets={self.targets!r}: use one of {', '.join(TARGET_PRESETS)}")
         if self.placement not in PLACEMENTS:
             raise UserError(f"lora.placement={self.placement!r}: use one of {', '.join(PLACEMENTS)}")
+        if self.expert_r is not None and (not isinstance(self.expert_r, int) or self.expert_r < 1):
+            raise UserError(f"lora.expert_r={self.expert_r!r}: give a positive integer, or null for lora.r")
+        if self.on_experts and self.dropout:
+            raise UserError(f"lora.dropout={self.dropout} with lora.targets={self.targets}: LoRA on the experts takes "
+                            "no dropout (one delta per expert cannot factor it out; peft refuses it too): set "
+                            "lora.dropout=0")
+
+    @property
+    def on_experts(self) -> bool:
+        return self.targets in ("attn_mlp_experts", "experts")
+
+    @property
+    def rank_of_experts(self) -> int:
+        return self.expert_r or self.r
 
 
 CORRUPTIONS = ("uniform", "mask")

@@ -104,6 +104,7 @@ def shard_frozen(model) -> None:
 
     base = base_of(model)
     trained = {p for p in model.parameters() if p.requires_grad}
+    trained |= {p for p in model.parameters() if getattr(p, "_stand_in", False)}  # 4-bit experts' shapes: no data
     encoder = base.model.encoder.language_model.layers
     decoder = base.model.decoder.layers
     for enc, dec in zip(encoder, decoder):

@@ -26,7 +26,10 @@ TARGET_PRESETS = {
     "attn_mlp": r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",  # what every public recipe adapts
     "attn": r"self_attn\.(q|k|v|o)_proj",
     "mlp": r"mlp\.(gate|up|down)_proj",
+    "attn_mlp_experts": r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",  # + the experts' parameters
+    "experts": None,  # the experts' parameters only (finetune.expert_lora)
 }
+STACK_PREFIXES = {"encoder": "model.encoder.language_model.layers.", "decoder": "model.decoder.layers."}
 STACKS = {
     "encoder": r"model\.encoder\.language_model\.layers\.\d+\.",
     "decoder": r"model\.decoder\.layers\.\d+\.",
@@ -291,21 +294,42 @@ def load_tokenizer(path: str, revision=None, trust_remote_code: bool = False):
     return tok
 
 
-def target_regex(settings: LoraSettings) -> str:
-    stacks = ["decoder"] if settings.placement == "decoder" else ["encoder", "decoder"]
-    prefix = "(" + "|".join(STACKS[s] for s in stacks) + ")"
-    return prefix + TARGET_PRESETS[settings.targets]
+def _stacks(settings: LoraSettings) -> list[str]:
+    return ["decoder"] if settings.placement == "decoder" else ["encoder", "decoder"]
+
+
+def target_regex(settings: LoraSettings) -> str | None:
+    """The linears LoRA wraps, as a regex over module names (None: no linear, for lora.targets=experts)."""
+    preset = TARGET_PRESETS[settings.targets]
+    if preset is None:
+        return None
+    return "(" + "|".join(STACKS[s] for s in _stacks(settings)) + ")" + preset
+
+
+def lora_config(model, settings: LoraSettings) -> LoraConfig:
+    """peft's config for ``settings`` on ``model``: the linears by regex, the experts (lora.targets=*experts) by
+    their parameters' full names, each expert at lora.expert_r."""
+    from finetune import expert_lora
+
+    extra = {}
+    if settings.on_experts:
+        extra["target_parameters"] = expert_lora.expert_parameter_names(model, _stacks(settings))
+        if settings.expert_r is not None:
+            extra["rank_pattern"] = {r"experts\.(gate_up|down)_proj": settings.expert_r}
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=target_regex(settings), bias="none", **extra)
 
 
 def attach_lora(model, settings: LoraSettings) -> PeftModel:
-    """Wrap the text stack's linears with LoRA; the router, experts, embeddings and head stay frozen."""
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=target_regex(settings),
-        bias="none",
-    )
+    """Wrap the text stack's linears with LoRA (and, with lora.targets=*experts, each routed expert's fused gate/up
+    and down projections: finetune.expert_lora); the router, embeddings and head stay frozen."""
+    from finetune import expert_lora
+
+    if settings.on_experts:
+        from finetune.quantize import expose_expert_shapes
+
+        expose_expert_shapes(model)  # 4-bit experts: peft reads their shapes from stand-in Parameters
+    config = lora_config(model, settings)
     # the base's hub commit goes into adapter_config.json as peft's own `revision`: stock loaders and our eval and
     # export load the base the adapter was trained on, not whatever the branch holds by then. A local base records
     # its identity there (`local_identity`): transformers ignores a revision for a local directory, and our loads
@@ -313,6 +337,7 @@ def attach_lora(model, settings: LoraSettings) -> PeftModel:
     peft_model = get_peft_model(model, config, revision=base_commit(model) or base_identity(model))
     if settings.placement == "shared":
         tie_encoder_lora(peft_model)
+    expert_lora.install(peft_model)
     return peft_model
 
 
@@ -441,10 +466,22 @@ def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None
                        trust_remote_code, quant_type)
     if adapter:
         _warn_if_base_changed(path, adapter)
+        from finetune import expert_lora
+
+        if _targets_parameters(adapter):
+            from finetune.quantize import expose_expert_shapes
+
+            expose_expert_shapes(model)
         model = PeftModel.from_pretrained(model, adapter)
         if placement == "shared":
             tie_encoder_lora(model)
+        expert_lora.install(model)
     return model, tokenizer, placement
+
+
+def _targets_parameters(adapter: str) -> bool:
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        return bool(json.load(f).get("target_parameters"))
 
 
 def _warn_if_base_changed(path: str, adapter: str) -> None:

@@ -123,7 +123,7 @@ def quantize_expert_weight(weight: torch.Tensor, quant_type: str = "nf4", blocks
     return Experts4bitWeight(packed, absmax, (a, b), weight.dtype, quant_type, blocksize)
 
 
-def _routes(top_k_index: torch.Tensor, num_experts: int):
+def routes(top_k_index: torch.Tensor, num_experts: int):
     """(expert, token rows, top-k slots) for each expert that received tokens, in expert order."""
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -136,53 +136,121 @@ def _routes(top_k_index: torch.Tensor, num_experts: int):
         start += count
 
 
+def _lora_out(x, w, pairs, e):
+    """x w^T plus each LoRA pair's s (x A_e^T) B_e^T, and the rank-r inputs x A_e^T (kept for backward)."""
+    y = nn.functional.linear(x, w)
+    us = []
+    for a, b, scale in pairs:
+        u = nn.functional.linear(x, a[e])
+        y = y + nn.functional.linear(u, b[e]) * scale
+        us.append(u)
+    return y, us
+
+
+def _lora_backward(g, x, w, pairs, us, e, grads):
+    """Of y = x w^T + sum s (x A_e^T) B_e^T, given dL/dy = g: returns dL/dx and adds into ``grads`` (fp32, one
+    (A (E, r, in), B (E, out, r)) pair per LoRA pair) dL/dA_e = s (g B_e)^T x and dL/dB_e = s g^T (x A_e^T)."""
+    gx = g @ w
+    for (a, b, scale), u, (grad_a, grad_b) in zip(pairs, us, grads):
+        gb = (g @ b[e]) * scale  # (n, r)
+        gx = gx + gb @ a[e]
+        if grad_a is not None:
+            grad_a[e] += (gb.T @ x).float()
+        if grad_b is not None:
+            grad_b[e] += ((g * scale).T @ u).float()
+    return gx
+
+
 class _Experts4bit(torch.autograd.Function):
-    """The eager expert loop of DiffusionGemmaTextExperts on 4-bit storage. Forward dequantises each routed expert,
-    uses it and drops it; it saves only its inputs. Backward walks the experts again, dequantising each one a second
-    time, recomputes the gate/up projection and returns the gradients of the hidden states and the routing weights
-    (never of the experts: they are frozen). Costs one extra matmul per expert in backward (the gate/up recompute)
-    and the dequantisation twice; saves every expert activation eager would keep."""
+    """The eager expert loop of DiffusionGemmaTextExperts on 4-bit storage, with optional LoRA on each expert
+    (finetune.expert_lora). Forward dequantises each routed expert, uses it and drops it; it saves only its inputs
+    (and the LoRA factors, which are parameters). Backward walks the experts again, dequantising each one a second
+    time, recomputes the gate/up projection and the rank-r LoRA inputs, and returns the gradients of the hidden
+    states, the routing weights and the LoRA factors (never of the experts: they are frozen). Costs one extra matmul
+    per expert in backward (the gate/up recompute) and the dequantisation twice; saves every expert activation eager
+    would keep.
+
+    ``spec`` says how the flat LoRA tensors split: (number of gate_up pairs, number of down pairs, their scales);
+    each pair is A (E, r, in) and B (E, out, r)."""
 
     @staticmethod
-    def forward(ctx, hidden, top_k_index, top_k_weights, experts):
-        ctx.experts = experts
-        ctx.save_for_backward(hidden, top_k_index, top_k_weights)
+    def forward(ctx, hidden, top_k_index, top_k_weights, experts, spec, *lora):
+        ctx.experts, ctx.spec = experts, spec
+        ctx.save_for_backward(hidden, top_k_index, top_k_weights, *lora)
+        gate_up_lora, down_lora = _pairs(spec, lora)
         out = torch.zeros_like(hidden)
         gate_up, down = experts.gate_up_4bit, experts.down_4bit
-        for e, tokens, slots in _routes(top_k_index, gate_up.num_experts):
-            gate, up = nn.functional.linear(hidden[tokens], gate_up.dequantize(e, hidden.dtype)).chunk(2, dim=-1)
-            y = nn.functional.linear(experts.act_fn(gate) * up, down.dequantize(e, hidden.dtype))
+        for e, tokens, slots in routes(top_k_index, gate_up.num_experts):
+            z, _ = _lora_out(hidden[tokens], gate_up.dequantize(e, hidden.dtype), gate_up_lora, e)
+            gate, up = z.chunk(2, dim=-1)
+            y, _ = _lora_out(experts.act_fn(gate) * up, down.dequantize(e, hidden.dtype), down_lora, e)
             out.index_add_(0, tokens, (y * top_k_weights[tokens, slots, None]).to(out.dtype))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, top_k_index, top_k_weights = ctx.saved_tensors
+        hidden, top_k_index, top_k_weights, *lora = ctx.saved_tensors
         experts = ctx.experts
+        gate_up_lora, down_lora = _pairs(ctx.spec, lora)
+        needs = ctx.needs_input_grad[5:]
+        grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None
+                 for t, need in zip(lora, needs)]
+        n_gate_up = 2 * ctx.spec[0]
+        gate_up_grads = list(zip(grads[:n_gate_up:2], grads[1:n_gate_up:2]))
+        down_grads = list(zip(grads[n_gate_up::2], grads[n_gate_up + 1::2]))
         gate_up, down = experts.gate_up_4bit, experts.down_4bit
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weights = torch.zeros_like(top_k_weights) if ctx.needs_input_grad[2] else None
-        for e, tokens, slots in _routes(top_k_index, gate_up.num_experts):
+        for e, tokens, slots in routes(top_k_index, gate_up.num_experts):
+            x = hidden[tokens]
             w_gate_up = gate_up.dequantize(e, hidden.dtype)
-            gate, up = nn.functional.linear(hidden[tokens], w_gate_up).chunk(2, dim=-1)
+            z, us_gate_up = _lora_out(x, w_gate_up, gate_up_lora, e)
+            gate, up = z.chunk(2, dim=-1)
             with torch.enable_grad():  # the activation's own derivative, whatever act_fn is
                 gate = gate.detach().requires_grad_()
                 act = experts.act_fn(gate)
             h = act.detach() * up
-            # y = h @ down_e.T and out += y * w, so d/dh = w * (g @ down_e) and d/dw = <g, y> = <g @ down_e, h>
-            q = grad_out[tokens] @ down.dequantize(e, hidden.dtype)
+            w_down = down.dequantize(e, hidden.dtype)
+            # y = h @ down_e.T (+ LoRA) and out += y * w: d/dy = w * g, d/dw = <g, y>
+            g = grad_out[tokens]
+            routing = top_k_weights[tokens, slots, None]
             if grad_weights is not None:
-                grad_weights[tokens, slots] = (q.float() * h.float()).sum(-1).to(grad_weights.dtype)
+                y, _ = _lora_out(h, w_down, down_lora, e)
+                grad_weights[tokens, slots] = (g.float() * y.float()).sum(-1).to(grad_weights.dtype)
+            grad_y = (g * routing).to(hidden.dtype)
+            us_down = [nn.functional.linear(h, a[e]) for a, _, _ in down_lora]
+            grad_h = _lora_backward(grad_y, h, w_down, down_lora, us_down, e, down_grads)
+            del w_down
+            (grad_gate,) = torch.autograd.grad(act, gate, grad_h * up)
+            grad_z = torch.cat([grad_gate, grad_h * act.detach()], -1)
+            grad_x = _lora_backward(grad_z, x, w_gate_up, gate_up_lora, us_gate_up, e, gate_up_grads)
             if grad_hidden is not None:
-                grad_h = (q * top_k_weights[tokens, slots, None]).to(hidden.dtype)
-                (grad_gate,) = torch.autograd.grad(act, gate, grad_h * up)
-                grad_hidden.index_add_(0, tokens, torch.cat([grad_gate, grad_h * act.detach()], -1) @ w_gate_up)
+                grad_hidden.index_add_(0, tokens, grad_x.to(hidden.dtype))
             del w_gate_up  # before the next expert's: one expert's weights alive at a time
-        return grad_hidden, None, grad_weights, None
+        lora_grads = [None if grad is None else grad.to(t.dtype) for grad, t in zip(grads, lora)]
+        return (grad_hidden, None, grad_weights, None, None, *lora_grads)
+
+
+def _pairs(spec, lora):
+    """The flat LoRA tensors as ([(A, B, scale)] for gate_up, [...] for down)."""
+    n_gate_up, n_down, scales = spec
+    pairs = [(lora[2 * i], lora[2 * i + 1], scales[i]) for i in range(n_gate_up + n_down)]
+    return pairs[:n_gate_up], pairs[n_gate_up:]
+
+
+def run_experts4bit(experts, hidden, top_k_index, top_k_weights, lora: dict | None = None):
+    """One 4-bit experts module's forward, with ``lora`` (``{"gate_up_proj": [(A, B, scale)], "down_proj": ...}``,
+    finetune.expert_lora.factors) added per expert."""
+    lora = lora or {}
+    gate_up_lora, down_lora = lora.get("gate_up_proj", []), lora.get("down_proj", [])
+    pairs = [*gate_up_lora, *down_lora]
+    spec = (len(gate_up_lora), len(down_lora), tuple(scale for _, _, scale in pairs))
+    flat = [t for a, b, _ in pairs for t in (a, b)]
+    return _Experts4bit.apply(hidden, top_k_index, top_k_weights, experts, spec, *flat)
 
 
 def _forward_4bit(self, hidden_states, top_k_index, top_k_weights):
-    return _Experts4bit.apply(hidden_states, top_k_index, top_k_weights, self)
+    return run_experts4bit(self, hidden_states, top_k_index, top_k_weights)
 
 
 def install_experts4bit(module: nn.Module, gate_up: Experts4bitWeight, down: Experts4bitWeight) -> None:
@@ -200,6 +268,46 @@ def install_experts4bit(module: nn.Module, gate_up: Experts4bitWeight, down: Exp
             delattr(module, name)
     module.gate_up_4bit, module.down_4bit = gate_up, down
     module.forward = _forward_4bit.__get__(module)
+
+
+def _stand_in(shape, dtype, device) -> nn.Parameter:
+    """A frozen Parameter of ``shape`` holding one element (a zero, expanded: every stride 0)."""
+    param = nn.Parameter(torch.zeros((), dtype=dtype, device=device).expand(shape), requires_grad=False)
+    param._stand_in = True
+    return param
+
+
+def _apply_keeping_stand_ins(self, fn, recurse=True):
+    """``nn.Module._apply`` for a 4-bit experts module with stand-ins: a move or cast makes new one-element stand-ins
+    (applying ``fn`` to the expanded ones would allocate the experts' full size) and moves the 4-bit storage."""
+    for child in self.children():
+        child._apply(fn)
+    for name in ("gate_up_proj", "down_proj"):
+        param = self._parameters.get(name)
+        if param is not None:
+            scalar = fn(torch.zeros((), dtype=param.dtype, device=param.device))
+            self._parameters[name] = _stand_in(param.shape, scalar.dtype, scalar.device)
+    return self
+
+
+def expose_expert_shapes(model) -> int:
+    """Give each 4-bit experts module stand-in Parameters ``gate_up_proj`` and ``down_proj`` of the experts' shapes
+    and dtype, one element each, so that peft's ``target_parameters`` finds and sizes them (LoRA on 4-bit experts:
+    lora.targets=*experts); the 4-bit forward never reads them (finetune.expert_lora passes the LoRA factors into
+    `_Experts4bit`). Not trainable, not in any saved file (exports rebuild from the original weights); DDP and FSDP
+    leave them alone as they leave every frozen tensor. Returns how many modules got them."""
+    done = 0
+    for _, module in _experts_modules(model):
+        if not hasattr(module, "gate_up_4bit") or "gate_up_proj" in module._parameters:
+            continue
+        device = module.gate_up_4bit.packed.device
+        module.gate_up_proj = _stand_in((module.gate_up_4bit.num_experts, *module.gate_up_4bit.shape),
+                                        module.gate_up_4bit.dtype, device)
+        module.down_proj = _stand_in((module.down_4bit.num_experts, *module.down_4bit.shape), module.down_4bit.dtype,
+                                     device)
+        module._apply = _apply_keeping_stand_ins.__get__(module)
+        done += 1
+    return done
 
 
 def _experts_modules(model):

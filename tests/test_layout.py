@@ -11,8 +11,9 @@ STAGES = [
     ["finetune.errors", "finetune.config", "finetune.conf", "finetune.disk", "finetune.runlock"],  # and what every
     # writer shares: whole-file writes and the full disk (disk), one process per run directory (runlock)
     ["finetune.cli"],  # the command-line prologue every command shares: config only
-    ["finetune.tiny", "finetune.model", "finetune.quantize", "finetune.quantized_load"],  # the model layer: load
-    # base, adapter, tokenizer; the tiny architecture; 4-bit frozen weights, and quantising them as they load
+    ["finetune.tiny", "finetune.model", "finetune.quantize", "finetune.quantized_load", "finetune.expert_lora"],
+    # the model layer: load base, adapter, tokenizer; the tiny architecture; 4-bit frozen weights, and quantising
+    # them as they load; LoRA on the experts
     ["finetune.emulated", "finetune.head", "finetune.checkpointing", "finetune.checkpoints",
      "finetune.distributed"],  # how a step runs: half-precision products in fp32 where a CPU's are slow, chunked head,
     # checkpointed layers; how a run survives: sealed checkpoints, resume; several processes as one
