@@ -191,33 +191,74 @@ def test_default_run_takes_under_5_minutes_start_to_finish(default_run):
     assert wall - pretraining < 300, (wall, pretraining)  # under 5 minutes on 2 CPU cores
 
 
-@pytest.mark.slow
-def test_a_tiny_run_on_4_bit_experts_trains_evaluates_and_exports_from_the_original_weights(default_run):
-    """model.quantization=experts4bit end to end: the run trains on 4-bit experts, its evaluation says so, and the
-    adapter and merged exports are built on the original weights (the merged experts are the base's, bit for bit,
-    never dequantised ones) and verified there."""
-    pytest.importorskip("bitsandbytes")
-    import torch
-    from safetensors.torch import load_file
-
+def expert_run(default_run, name: str, *overrides: str):
+    """A short tiny run with LoRA on the experts too, exported as adapter and merged (each verified by the export
+    in a fresh process against the trained model)."""
     tmp, env, _ = default_run
-    run = tmp / "run4bit"
-    result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={run}", "model.quantization=experts4bit",
-                             "train.max_steps=20", "eval.max_examples=8", "eval.benchmark.max_examples=8",
+    run = tmp / name
+    result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={run}", "lora.targets=attn_mlp_experts",
+                             *overrides, "train.max_steps=20", "eval.max_examples=8", "eval.benchmark.max_examples=8",
                              "train.report_to=none", "export.format=both"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "base weights: `experts in 4-bit NF4 (model.quantization=experts4bit)" in (run / "report.md").read_text()
-    assert "built on the original bf16 base" in result.stdout
     for kind in ("adapter", "merged"):
         assert (run / "export" / kind).is_dir(), kind
+    return run, result
+
+
+def merged_experts_are_the_original_plus_each_experts_delta_once(run):
+    """Every merged expert tensor is the base's own (not dequantised) plus its expert's LoRA delta, added once
+    (peft's merge_and_unload adds it twice: encoder and decoder wrap the one tied tensor)."""
+    import torch
+    from safetensors.torch import load_file
+
     base = json.loads((run / "metrics.json").read_text())["base_model"]
     original = load_file(os.path.join(base, "model.safetensors"))
+    adapter = load_file(run / "export" / "adapter" / "adapter_model.safetensors")
+    lora_cfg = json.loads((run / "export" / "adapter" / "adapter_config.json").read_text())
     merged = {}
     for shard in (run / "export" / "merged").glob("*.safetensors"):
         merged.update(load_file(shard))
     experts = [k for k in original if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
-    assert experts and all(torch.equal(merged[k], original[k].to(merged[k].dtype)) for k in experts)
+    assert experts and all(k.startswith("model.decoder.") for k in experts)  # the tied layout: one copy each
+    for key in experts:
+        module, _, param = key.rpartition(".")
+        prefix = f"base_model.model.{module}."
+        # peft nests one wrapper per parameter: the lora weights of this parameter are at one of the two levels
+        level = next(lvl for lvl in ("", "base_layer.") if adapter[f"{prefix}{lvl}lora_A.weight"].shape[1] ==
+                     original[key].shape[2] and adapter[f"{prefix}{lvl}lora_B.weight"].shape[0] ==
+                     original[key].shape[1])
+        a, b = adapter[f"{prefix}{level}lora_A.weight"].float(), adapter[f"{prefix}{level}lora_B.weight"].float()
+        e = original[key].shape[0]
+        delta = torch.bmm(b.view(b.shape[0], -1, e).permute(2, 0, 1), a.view(e, -1, a.shape[-1]))
+        delta *= lora_cfg["lora_alpha"] / lora_cfg["r"]
+        expected = (original[key].float() + delta).to(merged[key].dtype)
+        assert delta.abs().max() > 0 and torch.equal(merged[key], expected), key
+
+
+@pytest.mark.slow
+def test_a_tiny_run_with_lora_on_the_experts_trains_evaluates_and_exports_merged(default_run):
+    """lora.targets=attn_mlp_experts end to end: trains, evaluates, and the merged export folds each expert's delta
+    into its fused tensor once; the export's own check reloads adapter and merged in a fresh process and matches
+    them to the trained model."""
+    run, result = expert_run(default_run, "run_experts")
+    assert "adapter" in (run / "report.md").read_text()
+    merged_experts_are_the_original_plus_each_experts_delta_once(run)
+    for kind in ("adapter", "merged"):  # the export's fresh-process check ran on both
+        assert f"export: {kind} reloads to max |logit diff|" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_a_tiny_run_on_4_bit_experts_with_expert_lora_trains_evaluates_and_exports_from_the_original_weights(
+        default_run):
+    """model.quantization=experts4bit with LoRA on the experts end to end: the run trains on 4-bit experts, its
+    evaluation says so, and the adapter and merged exports are built on the original weights (each merged expert is
+    the base's bf16 tensor plus its delta, never a dequantised one) and verified there."""
+    pytest.importorskip("bitsandbytes")
+    run, result = expert_run(default_run, "run4bit", "model.quantization=experts4bit")
+    assert "base weights: `experts in 4-bit NF4 (model.quantization=experts4bit)" in (run / "report.md").read_text()
+    assert "built on the original bf16 base" in result.stdout
+    merged_experts_are_the_original_plus_each_experts_delta_once(run)
 
 
 @pytest.mark.slow

@@ -152,8 +152,11 @@ def export_run(run_dir: str | None, settings: ExportSettings, model=None, tokeni
                                                     "DiffusionGemmaForBlockDiffusion.from_pretrained", cast_cost)
                         verification["cast_of"] = "reloaded" if finer else "fine-tuned"
                     v = verification
+                    flips = (f"; {v['positions_over_tolerance']} of {v['positions']} positions over it (a router "
+                             f"near-tie), {v['typical_abs_diff']:.3g} at the rest"
+                             if v["positions_over_tolerance"] else "")
                     log(f"export: {fmt} reloads to max |logit diff| {v['max_abs_diff']:.3g} (tolerance "
-                        f"{v['tolerance']:.3g}; adapter effect {v['adapter_effect']:.3g})")
+                        f"{v['tolerance']:.3g}{flips}; adapter effect {v['adapter_effect']:.3g})")
                 card = model_card(fmt, src, stage.out, verification, command,
                                   merge_note if fmt == "merged" else None, settings.dtype,
                                   untied=fmt == "merged" and merge_untied)

@@ -4,6 +4,7 @@ the merged shards, and the config that goes with them."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from finetune.errors import UserError
@@ -19,13 +20,22 @@ class MergePlan:
     differing: list = field(default_factory=list)
 
 
+def _unwrapped(key: str) -> str:
+    """A name under the base's own layout: peft's ``.base_layer`` levels dropped (expert LoRA nests them)."""
+    return re.sub(r"(\.base_layer)+(?=\.|$)", "", key)
+
+
 def _lora_modules(base) -> dict:
-    """``<weight key> -> LoRA layer`` for every LoRA-wrapped module of the base model."""
-    from peft.tuners.lora import Linear, LoraLayer
+    """``<weight key> -> LoRA layer`` for every LoRA-wrapped module of the base model: linears (``.weight``) and
+    experts' parameters (peft's ParamWrapper, one per expert tensor: ``.gate_up_proj``, ``.down_proj``)."""
+    from peft.tuners.lora import Linear, LoraLayer, ParamWrapper
 
     found = {}
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer):
+            continue
+        if isinstance(module, ParamWrapper):
+            found[f"{_unwrapped(name)}.{module.parameter_name}"] = module
             continue
         if type(module) is not Linear:
             raise UserError(f"{name} carries a {type(module).__name__} LoRA layer: export merges LoRA on linear "
@@ -37,10 +47,17 @@ def _lora_modules(base) -> dict:
 
 
 def delta_of(module):
-    """The module's weight delta (B @ A * scale, summed over active adapters), fp32, on the module's device."""
+    """The module's weight delta (B @ A * scale, summed over active adapters), fp32, on the module's device; for
+    expert LoRA (E, out, in), one delta per expert, computed in fp32 (peft's get_delta_weight rounds to the
+    experts' dtype first)."""
     import torch
+    from peft.tuners.lora import ParamWrapper
+
+    from finetune.expert_lora import expert_delta
 
     with torch.no_grad():
+        if isinstance(module, ParamWrapper):
+            return sum(expert_delta(module, a) for a in module.active_adapters if a in module.lora_A)
         return sum(module.get_delta_weight(a).float() for a in module.active_adapters)
 
 
@@ -50,7 +67,7 @@ def _base_state(base) -> dict:
     for key, tensor in base.state_dict(keep_vars=True).items():
         if ".lora_" in key:
             continue
-        state[key.replace(".base_layer.", ".")] = tensor.detach()
+        state[_unwrapped(key)] = tensor.detach()
     return state
 
 

@@ -108,25 +108,49 @@ def reload_logits(model_path: str, adapter: str | None, dtype: str, device: str,
     return load_file(out_path)
 
 
+# Positions (one canvas position's logits) allowed over the tolerance, per ten: a position whose token sat at a
+# near-tie in a router's top-k takes other experts once its input is rounded differently (a merged tensor rounds
+# W + delta where the in-memory model rounds W), and with expert LoRA the experts differ by their deltas, so that
+# one position moves by up to about half the adapter's effect while every other stays at rounding's size (measured
+# on the tiny model: 2.09 at one of 16 positions, 0.21 at most elsewhere, bfloat16). A lost, doubled or misplaced
+# delta moves every position.
+ROUTE_FLIPS_PER_TEN = 1
+
+
+def position_diffs(a: dict, b: dict):
+    """Max |a - b| over the vocabulary, per position, all inputs' positions in one vector."""
+    import torch
+
+    return torch.cat([(a[k] - b[k]).abs().amax(-1).flatten() for k in sorted(a)])
+
+
 def check(name: str, got: dict, reference: dict, precision: str, loader: str, cast_cost: float | None = None):
     """Fail unless the reloaded logits match the fine-tuned model's and keep the adapter's effect.
 
     ``cast_cost``: how far casting the fine-tuned model to the export's precision moves its logits by itself.
     Rounding may cost up to 1.5x that; the check then asks only that the rest stays a small part of the effect.
+    Judged at all positions but the worst ROUTE_FLIPS_PER_TEN in ten (router near-ties: see there); those must
+    still stay closer to the fine-tuned model than the base is at that position.
     """
     allowance = 1.5 * cast_cost if cast_cost is not None else 0.0
     tol = max(TOLERANCE[precision], allowance)
-    diff = max_abs_diff(got, reference["finetuned"])
-    effect = max_abs_diff(reference["base"], reference["finetuned"])
+    diffs = position_diffs(got, reference["finetuned"])
+    effects = position_diffs(reference["base"], reference["finetuned"])
+    diff, effect = float(diffs.max()), float(effects.max())
+    flips = len(diffs) * ROUTE_FLIPS_PER_TEN // 10
+    typical = float(diffs.sort(descending=True).values[flips])  # the largest once the allowed outliers are set aside
+    outliers = [(float(d), float(e)) for d, e in zip(diffs, effects) if d > tol]
     result = dict(max_abs_diff=diff, adapter_effect=effect, tolerance=tol, precision=precision, loader=loader,
-                  cast_cost=cast_cost)
-    if diff > tol:
+                  cast_cost=cast_cost, typical_abs_diff=typical, positions=len(diffs),
+                  positions_over_tolerance=len(outliers))
+    if typical > tol or any(d >= e for d, e in outliers):
+        where = (f" at {len(outliers)} of {len(diffs)} positions" if outliers else "")
         raise UserError(f"{name} export failed verification: reloaded logits differ from the fine-tuned model by "
-                        f"{diff:.3g} (tolerance {tol:.3g} in {precision}; the adapter's own effect is {effect:.3g}); "
-                        "nothing was written")
-    if diff - allowance > MAX_EFFECT_LOST * effect:
+                        f"{diff:.3g}{where} (tolerance {tol:.3g} in {precision}; the adapter's own effect is "
+                        f"{effect:.3g}); nothing was written")
+    if typical - allowance > MAX_EFFECT_LOST * effect:
         raise UserError(f"{name} export failed verification: reloaded logits differ from the fine-tuned model by "
-                        f"{diff:.3g}, {(diff - allowance) / effect:.0%} of the adapter's own effect ({effect:.3g}) "
+                        f"{typical:.3g}, {(typical - allowance) / effect:.0%} of the adapter's own effect ({effect:.3g}) "
                         f"beyond what {precision} rounding explains: the delta is partly lost or misplaced; "
                         "nothing was written")
     return result
