@@ -96,12 +96,14 @@ class _PlannedAttention(torch.autograd.Function):
 
 
 class _PlannedExperts(torch.autograd.Function):
-    """Stands in for grouped_mm on meta (its meta kernel takes bf16 only): keeps the tokens' input, as the experts'
-    matmuls do in every implementation; the frozen expert weights are weights, not activations."""
+    """Stands in for grouped_mm on meta (its meta kernel takes bf16 only): keeps the tokens' input and the weight, as
+    the experts' matmuls do in every implementation. The frozen expert weights are weights, not activations (`_Saved`
+    skips them); what it counts of a weight is a copy made for the pass: expert LoRA's factors cast to the compute
+    dtype (finetune.expert_lora.factors)."""
 
     @staticmethod
     def forward(ctx, tokens, weight):
-        ctx.save_for_backward(tokens)
+        ctx.save_for_backward(tokens, weight)
         return tokens.new_empty((tokens.shape[0], weight.shape[-1]))
 
     @staticmethod
@@ -110,11 +112,12 @@ class _PlannedExperts(torch.autograd.Function):
 
 
 class _PlannedRecomputedExperts(torch.autograd.Function):
-    """4-bit experts (finetune.quantize): the block keeps only its inputs; backward dequantizes and recomputes it."""
+    """4-bit experts (finetune.quantize): the block keeps only its inputs (and the LoRA factors of expert LoRA, as
+    cast for the pass); backward dequantizes and recomputes it."""
 
     @staticmethod
-    def forward(ctx, hidden, index, weights):
-        ctx.save_for_backward(hidden, index, weights)
+    def forward(ctx, hidden, index, weights, *lora):
+        ctx.save_for_backward(hidden, index, weights, *lora)
         return torch.empty_like(hidden)
 
     @staticmethod
@@ -124,6 +127,15 @@ class _PlannedRecomputedExperts(torch.autograd.Function):
 
 def _recomputed_experts(self, hidden_states, top_k_index, top_k_weights):
     return _PlannedRecomputedExperts.apply(hidden_states, top_k_index, top_k_weights)
+
+
+def _recomputed_experts_with_lora(experts, lora, hidden_states, top_k_index, top_k_weights):
+    factors = [t for pairs in lora.values() for a, b, _ in pairs for t in (a, b)]
+    return _PlannedRecomputedExperts.apply(hidden_states, top_k_index, top_k_weights, *factors)
+
+
+def _without_expert_lora(experts, lora, hidden_states, top_k_index, top_k_weights):
+    return experts(hidden_states, top_k_index, top_k_weights)
 
 
 def _grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
@@ -161,11 +173,17 @@ class _Saved:
 
 
 @contextmanager
-def _tracking(saved: _Saved, layers: dict[str, list], quantized_experts: bool = False):
+def _tracking(saved: _Saved, layers: dict[str, list], quantized_experts: bool = False, expert_lora: bool = True):
     from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
 
-    experts = mock.patch.object(DiffusionGemmaTextExperts, "forward", _recomputed_experts) if quantized_experts \
-        else contextlib.nullcontext()
+    from finetune import expert_lora as lora_module
+
+    experts = contextlib.ExitStack()
+    if quantized_experts:
+        experts.enter_context(mock.patch.object(DiffusionGemmaTextExperts, "forward", _recomputed_experts))
+        experts.enter_context(mock.patch.object(lora_module, "experts_forward", _recomputed_experts_with_lora))
+    if not expert_lora:  # the same step as if the experts had no LoRA: what expert LoRA's activations cost
+        experts.enter_context(mock.patch.object(lora_module, "experts_forward", _without_expert_lora))
     handles = []
     for name, group in layers.items():
         for i, layer in enumerate(group):
@@ -267,7 +285,7 @@ def _largest_layer_weights(model) -> int:
     return max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in text_layers(model))
 
 
-def _activations(model, shapes: Shapes, quantized_experts: bool = False) -> dict[str, int]:
+def _activations(model, shapes: Shapes, quantized_experts: bool = False, expert_lora: bool = True) -> dict[str, int]:
     """Saved bytes per layer of the encoder pass and the decoder pass with gradient, from the meta run.
 
     Layers of one kind (sliding or full attention) keep the same tensors, so the passes run through the first
@@ -287,7 +305,7 @@ def _activations(model, shapes: Shapes, quantized_experts: bool = False) -> dict
     depth = text.num_hidden_layers
     text.num_hidden_layers = measured  # both passes loop over layers[:num_hidden_layers]
     try:
-        with _tracking(saved, layers, quantized_experts):
+        with _tracking(saved, layers, quantized_experts, expert_lora):
             with torch.set_grad_enabled(encoder_trains):
                 _, cache = encode(base, ids)
             saved.where = "decoder input"
@@ -307,6 +325,25 @@ def _activations(model, shapes: Shapes, quantized_experts: bool = False) -> dict
             out[f"{side}.{i}"] = by.get(f"{side}.{first[kind]}", 0)
     out["kv cache"] = sum(cache_kind[kind] for kind in kinds)
     return out
+
+
+def _kept(by: dict, shapes: Shapes, row_bytes: int, checkpointing: bool) -> tuple[int, int, int, int, int]:
+    """What the step keeps of the per-layer saved bytes ``by`` (`_activations`): (encoder, decoder, the rest, the KV
+    cache, backward's working set). Backward frees a layer's saved tensors as it makes that layer's gradients, so
+    without checkpointing the peak is what forward kept; with it each layer keeps its input and one layer at a time
+    is recomputed. In largest layers' saved bytes, measured on CPU (tests/finetune/test_plan.py; six mid-size configs
+    came within 6%)."""
+    encoder = [v for k, v in by.items() if k.startswith("encoder.")]
+    decoder = [v for k, v in by.items() if k.startswith("decoder.")]
+    other = sum(v for k, v in by.items() if not k.startswith(("encoder.", "decoder.")) and k != "kv cache")
+    largest_layer = max([*encoder, *decoder], default=0)
+    if checkpointing:
+        kept_enc = len(encoder) * shapes.encoder_tokens * row_bytes
+        kept_dec = len(decoder) * shapes.decoder_tokens * row_bytes
+    else:
+        kept_enc, kept_dec = sum(encoder), sum(decoder)
+    working = int(largest_layer * (RECOMPUTE_FACTOR if checkpointing else BACKWARD_FACTOR))
+    return kept_enc, kept_dec, other, by["kv cache"], working
 
 
 def _head_bytes(config, shapes: Shapes, dtype, device: str, encoder_loss: bool) -> tuple[int, int]:
@@ -347,6 +384,7 @@ class Plan:
     memory_source: str = ""  # where ``memory`` came from, for the verdict
     turns: int = 1  # decoder canvases per example (data.supervise=all: the data's most supervised turns)
     context: int = 0  # outside the allocator (CUDA context); counts for the verdict
+    expert_lora: int = 0  # bytes of the peak that LoRA on the experts adds: its weights, gradients, AdamW, activations
 
     @property
     def peak(self) -> int:
@@ -393,10 +431,17 @@ def plan(cfg: DictConfig, turns: int = 1) -> Plan:
         if nbytes:
             result.parts.append((f"weights: {part}", -(-nbytes // share), _dtype_note(part, dtype, quantization,
                                                                                       cfg.model.quant_type) + per))
-    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    result.parts.append(("LoRA weights + gradients + AdamW state", trainable * 16,
-                         f"{trainable:,} fp32 parameters x (4 + 4 + 8) bytes" + (", whole on every process" if
-                                                                                 processes > 1 else "")))
+    trained = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values()
+    trainable = sum(p.numel() for _, p in trained)
+    on_experts = sum(p.numel() for n, p in trained if ".experts." in n)
+    whole = ", whole on every process" if processes > 1 else ""
+    if trainable - on_experts:
+        result.parts.append(("LoRA weights + gradients + AdamW state", (trainable - on_experts) * 16,
+                             f"{trainable - on_experts:,} fp32 parameters x (4 + 4 + 8) bytes{whole}"))
+    if on_experts:
+        result.parts.append(("expert LoRA weights + grads + AdamW", on_experts * 16,
+                             f"{on_experts:,} fp32 parameters x (4 + 4 + 8) bytes: rank {lora.rank_of_experts} on "
+                             f"each of {config.text_config.num_experts} experts' gate/up and down{whole}"))
     if sharded:  # the layer pair running now and the next one, gathered whole (forward, and again in backward)
         result.parts.append(("FSDP: gathered layers", 2 * _largest_layer_weights(model),
                              "the largest encoder/decoder layer pair's weights, whole, twice (this one, the next)"))
@@ -404,21 +449,16 @@ def plan(cfg: DictConfig, turns: int = 1) -> Plan:
         result.parts.append(("DDP gradient buckets", trainable * 4, "a copy of the LoRA gradients (fp32)"))
 
     by = _activations(model, shapes, quantization != "none")
-    kv = by.pop("kv cache")
-    encoder = {k: v for k, v in by.items() if k.startswith("encoder.")}
-    decoder = {k: v for k, v in by.items() if k.startswith("decoder.")}
-    other = sum(v for k, v in by.items() if not k.startswith(("encoder.", "decoder.")))
+    checkpointing = bool(cfg.train.gradient_checkpointing)
     size = dtype.itemsize
     hidden = config.text_config.hidden_size
-    checkpointing = bool(cfg.train.gradient_checkpointing)
-    largest_layer = max([*encoder.values(), *decoder.values()], default=0)
-    if checkpointing:  # each layer keeps its input; one layer's activations exist again while it is recomputed
-        kept_enc = len(encoder) * shapes.encoder_tokens * hidden * size
-        kept_dec = len(decoder) * shapes.decoder_tokens * hidden * size
-        note = "checkpointed: each layer's input"
-    else:
-        kept_enc, kept_dec = sum(encoder.values()), sum(decoder.values())
-        note = "every layer's saved tensors"
+    kept_enc, kept_dec, other, kv, working = _kept(by, shapes, hidden * size, checkpointing)
+    if on_experts:  # the same step without the experts' LoRA: the difference is what it keeps for backward
+        without = _kept(_activations(model, shapes, quantization != "none", expert_lora=False), shapes, hidden * size,
+                        checkpointing)
+        result.expert_lora = on_experts * 16 + max(0, sum((kept_enc, kept_dec, other, kv, working)) - sum(without))
+    encoder = any(k.startswith("encoder.") for k in by)
+    note = "checkpointed: each layer's input" if checkpointing else "every layer's saved tensors"
     enc_note = f"{shapes.batch} x {shapes.prompt + shapes.response} tokens, {note}"
     result.parts.append(("activations: encoder", kept_enc, enc_note if encoder else "no gradient (frozen encoder)"))
     result.parts.append(("activations: decoder", kept_dec + other,
@@ -435,10 +475,6 @@ def plan(cfg: DictConfig, turns: int = 1) -> Plan:
     if objective.self_conditioning_p > 0:
         sc = shapes.decoder_tokens * hidden * (size + 4) * 2
         result.parts.append(("self-conditioning", sc, "a pass without gradient; keeps only its soft embeddings"))
-    # Backward frees a layer's saved tensors as it makes that layer's gradients, so without checkpointing the peak
-    # is what forward kept; with it, one layer at a time is recomputed. In largest layers' saved bytes, measured on
-    # CPU (tests/finetune/test_plan.py; six mid-size configs came within 6%).
-    working = largest_layer * (RECOMPUTE_FACTOR if checkpointing else BACKWARD_FACTOR)
     result.parts.append(("backward working set", int(working),
                          "one layer recomputed and differentiated" if checkpointing else
                          "none above forward's: each layer's saved tensors are freed as its gradients are made"))
@@ -496,6 +532,11 @@ def _variants(cfg: DictConfig) -> list[tuple[str, list[str]]]:
     out = []
     if not cfg.train.gradient_checkpointing:
         out.append(("checkpoint the layers", ["train.gradient_checkpointing=true"]))
+    if cfg.lora.targets in ("attn_mlp_experts", "experts"):
+        rank = cfg.lora.expert_r or cfg.lora.r
+        if rank > 4:
+            out.append((f"expert LoRA at rank {rank // 4}", [f"lora.expert_r={rank // 4}"]))
+        out.append(("no LoRA on the experts", ["lora.targets=attn_mlp"]))
     prompt = cfg.data.max_prompt_tokens
     for p in (prompt // 2, prompt // 4):
         if p >= 128:
@@ -572,6 +613,9 @@ def verdict(current: Plan) -> str:
     margin = current.capacity - total
     share = f"{total / current.memory:.0%} of {current.memory / GB:.3g} GB"
     source = f" ({current.memory_source})" if current.memory_source not in ("", "hardware.memory_gb") else ""
+    if current.expert_lora:
+        source += (f"; expert LoRA {current.expert_lora / GB:.2f} GB of it ({current.expert_lora / total:.0%}: "
+                   "weights, gradients, AdamW state, activations)")
     if current.fits:
         return f"fits: {total / GB:.1f} GB predicted, {share}{source}; {margin / GB:.1f} GB to spare after the headroom"
     if current.close:

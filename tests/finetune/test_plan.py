@@ -83,6 +83,7 @@ SMALL_STEP = ["data.max_prompt_tokens=256", "data.max_response_canvases=2", "tra
      "train.gradient_checkpointing=true"],  # checkpointed: kept inputs, one layer recomputed
     ["data.max_prompt_tokens=512", "train.batch_size=2", "lora.placement=decoder",
      "objective.self_conditioning_p=0"],  # a frozen encoder keeps nothing
+    [*SMALL_STEP, "lora.targets=attn_mlp_experts"],  # one LoRA per expert: its weights, AdamW and activations
 ])
 def test_predicted_peak_is_within_15_percent_of_measured_rss_growth(probe, settings):
     numbers = probe(settings)
@@ -128,6 +129,21 @@ def test_chat_rtx_fits_a_32_gb_card_under_30_gb_with_4_bit_experts(capsys):
     assert "12.85 GB" in experts  # 45.68 GB of bf16 experts at 4.5 bits a value
     verdict = out.splitlines()[-1]
     assert verdict.startswith("fits: ") and float(verdict.split()[1]) < 30, verdict
+
+
+def test_expert_lora_on_the_rtx_5090_is_planned_with_its_share_of_the_peak(capsys):
+    """The issue's command: the verdict says what LoRA on the 128 experts costs; the count is the layout's own
+    (30 layers x 128 experts x r x (2816 + 1408 + 704 + 2816) fp32 values, with gradients and AdamW's moments)."""
+    code, out = plan_command(capsys, "recipe=chat_rtx", "hardware=rtx_5090", "lora.targets=attn_mlp_experts")
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if line.strip().startswith("expert LoRA weights"))
+    assert f"{30 * 128 * 16 * (2816 + 1408 + 704 + 2816):,} fp32 parameters" in line
+    verdict = out.splitlines()[-1]
+    share = float(verdict.split("; expert LoRA ")[1].split(" GB")[0])
+    assert 30 * 128 * 16 * 7744 * 16 / 1e9 < share < 8.0, verdict  # its weights, grads, AdamW and a few activations
+    _, lean = plan_command(capsys, "recipe=chat_rtx", "hardware=rtx_5090", "lora.targets=attn_mlp_experts",
+                           "lora.expert_r=4")
+    assert float(lean.splitlines()[-1].split("; expert LoRA ")[1].split(" GB")[0]) < share / 3.5
 
 
 def test_on_a_24_gb_card_the_plan_says_what_fits_and_why_nothing_does_below(capsys):
