@@ -5,11 +5,13 @@ The built-in tiny base is a path like any other here: `finetune.pretrain` builds
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import re
+import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -320,6 +322,15 @@ def lora_config(model, settings: LoraSettings) -> LoraConfig:
                       target_modules=target_regex(settings), bias="none", **extra)
 
 
+@contextlib.contextmanager
+def _rank_pattern_applies():
+    """peft checks rank_pattern against the modules it wrapped, not the parameters: lora.expert_r is applied
+    (tests/finetune/test_expert_lora.py checks the ranks), but peft would warn that it matched nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The following rank_pattern keys did not match", RuntimeWarning)
+        yield
+
+
 def attach_lora(model, settings: LoraSettings) -> PeftModel:
     """Wrap the text stack's linears with LoRA (and, with lora.targets=*experts, each routed expert's fused gate/up
     and down projections: finetune.expert_lora); the router, embeddings and head stay frozen."""
@@ -334,7 +345,8 @@ def attach_lora(model, settings: LoraSettings) -> PeftModel:
     # export load the base the adapter was trained on, not whatever the branch holds by then. A local base records
     # its identity there (`local_identity`): transformers ignores a revision for a local directory, and our loads
     # compare it with the directory's (`load`)
-    peft_model = get_peft_model(model, config, revision=base_commit(model) or base_identity(model))
+    with _rank_pattern_applies():
+        peft_model = get_peft_model(model, config, revision=base_commit(model) or base_identity(model))
     if settings.placement == "shared":
         tie_encoder_lora(peft_model)
     expert_lora.install(peft_model)
@@ -472,7 +484,8 @@ def load(path: str, device: str, dtype: str = "auto", adapter: str | None = None
             from finetune.quantize import expose_expert_shapes
 
             expose_expert_shapes(model)
-        model = PeftModel.from_pretrained(model, adapter)
+        with _rank_pattern_applies():
+            model = PeftModel.from_pretrained(model, adapter)
         if placement == "shared":
             tie_encoder_lora(model)
         expert_lora.install(model)

@@ -12,16 +12,9 @@ from finetune.errors import UserError
 from finetune.model import attach_lora, load
 
 from conftest import make_model
+from test_export import randomise_lora as randomise
 
 EXPERTS = LoraSettings(targets="attn_mlp_experts", r=4, alpha=8)
-
-
-def randomise(model, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def last_experts(peft_model):
