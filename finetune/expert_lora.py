@@ -31,15 +31,12 @@ EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 LORA_IMPLEMENTATIONS = ("eager", "grouped_mm")
 
 
-def expert_parameter_names(model, stacks: list[str]) -> list[str]:
-    """The full names of the expert tensors of the text layers in ``stacks`` (encoder, decoder), for peft's
-    ``target_parameters`` (exact names: its matching has no anchors, and a placement of decoder only needs them)."""
-    from finetune.model import STACK_PREFIXES
-
+def expert_parameter_names(model, prefixes: list[str]) -> list[str]:
+    """The full names of the expert tensors of the text layers under ``prefixes`` (the encoder's and the decoder's
+    layers, or the decoder's only), for peft's ``target_parameters``: exact names, as its matching has no anchors."""
     names = []
     for name, module in model.named_modules():
-        if name.endswith(".experts") and hasattr(module, "num_experts") and any(
-                name.startswith(STACK_PREFIXES[s]) for s in stacks):
+        if name.endswith(".experts") and hasattr(module, "num_experts") and name.startswith(tuple(prefixes)):
             names += [f"{name}.{p}" for p in EXPERT_PARAMETERS]
     if not names:
         raise UserError("lora.targets asks for the experts, but this model has no experts modules in its text layers")

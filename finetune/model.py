@@ -315,7 +315,8 @@ def lora_config(model, settings: LoraSettings) -> LoraConfig:
 
     extra = {}
     if settings.on_experts:
-        extra["target_parameters"] = expert_lora.expert_parameter_names(model, _stacks(settings))
+        extra["target_parameters"] = expert_lora.expert_parameter_names(model, [STACK_PREFIXES[s]
+                                                                                for s in _stacks(settings)])
         if settings.expert_r is not None:
             extra["rank_pattern"] = {r"experts\.(gate_up|down)_proj": settings.expert_r}
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,

@@ -72,6 +72,9 @@ def test_each_expert_gets_its_own_lora_tied_between_encoder_and_decoder(tokenize
     assert any("self_attn.q_proj.lora_A" in n for n in trainable)  # attn_mlp_experts keeps the attention LoRA
     only = attach_lora(make_model(tokenizer), LoraSettings(targets="experts", r=4))
     assert all(".experts." in n for n, p in only.named_parameters() if p.requires_grad)
+    denoiser = attach_lora(make_model(tokenizer), LoraSettings(targets="experts", r=4, placement="decoder"))
+    trained = [n for n, p in denoiser.named_parameters() if p.requires_grad]
+    assert trained and all(".decoder.layers." in n and ".experts." in n for n in trained)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
