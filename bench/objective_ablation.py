@@ -7,6 +7,9 @@ rerun), <out>/ablation.png (score against budget) and the raw results.
 
     python bench/objective_ablation.py                  # the full grid: bench/ABLATION.md (about an hour, 2 cores)
     python bench/objective_ablation.py --quick --out DIR   # one task, two seeds, two settings: a smoke test (CI)
+    python bench/objective_ablation.py --lora-targets attn_mlp,attn_mlp_experts,experts --extra-budget 800 \
+        --extra-tasks sort                              # where LoRA sits, the default objective: ABLATION.md's
+                                                        # second part (its own markers and plot)
 
 Every finished run's scores are appended to <out>/ablation_results.jsonl at once (train_seconds: wall time since
 its training began, the 50-step scoring included) and the run is skipped when the same command runs again, so an
@@ -50,7 +53,12 @@ HELDOUT_T = (0.25, 0.5, 0.75)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+LORA_TARGETS = ("attn_mlp", "attn_mlp_experts", "experts")  # --lora-targets: settings named "lora.targets=<t>"
+
+
 def objective_overrides(setting: str) -> dict:
+    if setting.startswith("lora."):  # a LoRA setting trains with the default objective
+        return {}
     spec = SETTINGS[setting]
     if isinstance(spec, str):
         from omegaconf import OmegaConf
@@ -77,7 +85,7 @@ def run_one(job: dict) -> list[dict]:
     torch.manual_seed(job["seed"])
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(job["base"])
     canvas = model.config.canvas_length
-    model = attach_lora(model, LoraSettings())
+    model = attach_lora(model, LoraSettings(**job.get("lora", {})))
     data = DataSettings(supervise=TASKS[job["task"]], seed=job["seed"])
     examples, _ = build_examples(task_rows(job["task"], job["rows"], job["seed"]), tokenizer, data, canvas, "train")
     overrides = dict(job["overrides"]) if "overrides" in job else objective_overrides(job["setting"])
@@ -206,16 +214,24 @@ def fmt(mean: float, half: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def task_budgets(results: list[dict], task: str) -> list[int]:
+    return sorted({r["steps"] for r in results if r["task"] == task})
+
+
 def report(results: list[dict], sweep: list[dict], lrs: dict, args, seconds: float) -> str:
     short, long = args.budget, 4 * args.budget
-    budgets = [short, long]
+    extra = (f" The {', '.join(f'`{t}`' for t in args.extra_tasks)} runs go on to {args.extra_budget} steps (their cosine "
+             f"over {args.extra_budget}), scored also at {short} and {long} on the way." if args.extra_tasks else "")
+    lora = ("LoRA as the tiny recipe sets it (r 16, alpha 32, shared by encoder and decoder) on the targets the "
+            "setting names (finetune/expert_lora.py for the experts: one LoRA per expert, rank 16)"
+            if args.lora_targets else "LoRA as the tiny recipe sets it")
     runs = len({key(r) for r in sweep + results})
     lines = ["## How the numbers were made", "",
              f"Made by `{args.command}` on {args.machine}, {time.strftime('%Y-%m-%d')}: {runs} training runs "
              f"({len({key(r) for r in sweep})} in the lr sweep); this invocation trained {args.ran} of them in "
              f"{seconds / 60:.0f} minutes, the others' scores came from [{os.path.basename(args.results)}]"
              f"({os.path.basename(args.results)}) (every score of every run, one JSON line each).", "",
-             f"Each grid run: the cached tiny base (finetune/tiny.py), LoRA as the tiny recipe sets it, batch 16, "
+             f"Each grid run: the cached tiny base (finetune/tiny.py), {lora}, batch 16, "
              f"{args.rows} generated training rows, warmup 10 then cosine to lr/10 over {long} steps, "
              f"scored at step {short} (the short budget: the same run a quarter of the way, its lr still "
              f"high) and at step {long} (the long one), on {args.heldout} held-out rows: generate()'s "
@@ -224,7 +240,7 @@ def report(results: list[dict], sweep: list[dict], lrs: dict, args, seconds: flo
              f"steps per canvas, and the held-out denoising loss (the default objective's loss at t = "
              f"{', '.join(map(str, HELDOUT_T))}, no self-conditioning, fixed noise; mean), the same measure for "
              f"every setting. Mean ± 95% t-interval over {len(args.seeds)} seeds (a seed sets the LoRA init, the "
-             f"data, the noise and the sampler's).", "",
+             f"data, the noise and the sampler's).{extra}", "",
              "## Learning rate per setting", ""]
     if not sweep:
         lines += [f"No sweep: one lr for every setting, {args.lrs[0]}.", ""]
@@ -248,17 +264,19 @@ def report(results: list[dict], sweep: list[dict], lrs: dict, args, seconds: flo
                                   ("heldout_loss", "Held-out denoising loss (lower is better)", 3),
                                   ("tokens_per_forward_default", "Tokens per forward, default sampler", 2),
                                   ("steps_per_canvas_default", "Steps per canvas, default sampler", 1)):
+        columns = [(t, b) for t in args.tasks for b in task_budgets(results, t)]
         lines += [f"## {title}", "", "| setting | " + " | ".join(
-            f"{t} @{b}" for t in args.tasks for b in budgets) + " |", "|---|" + "---|" * (len(args.tasks) * 2)]
+            f"{t} @{b}" for t, b in columns) + " |", "|---|" + "---|" * len(columns)]
         for s in args.settings:
             cells = []
-            for t in args.tasks:
-                for b in budgets:
-                    values = [r[metric] for r in results if r["setting"] == s and r["task"] == t and r["steps"] == b
-                              and r[metric] is not None]
-                    cells.append(fmt(*interval(values), digits) if values else "")
+            for t, b in columns:
+                values = [r[metric] for r in results if r["setting"] == s and r["task"] == t and r["steps"] == b
+                          and r[metric] is not None]
+                cells.append(fmt(*interval(values), digits) if values else "")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
+    if args.lora_targets:  # the second part of ABLATION.md: its sections one level down, under its own title
+        lines = ["#" + line if line.startswith("## ") else line for line in lines]
     return "\n".join(lines)
 
 
@@ -268,9 +286,9 @@ def plot(results: list[dict], args, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = [args.budget, 4 * args.budget]
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(4.2 * len(args.tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], args.tasks):
+        budgets = task_budgets(results, task)
         for s in args.settings:
             means, halves = zip(*[interval([r["exact_match_default"] for r in results if r["setting"] == s
                                             and r["task"] == task and r["steps"] == b] or [float("nan")])
@@ -302,14 +320,28 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=3000, help="generated training rows")
     parser.add_argument("--heldout", type=int, default=32, help="held-out rows scored")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--lora-targets", help=f"compare where LoRA sits instead of objectives: comma-separated "
+                        f"lora.targets ({', '.join(LORA_TARGETS)}), the default objective; written to its own part "
+                        "of ABLATION.md")
+    parser.add_argument("--extra-budget", type=int, help="train --extra-tasks this many steps (also scored at the "
+                        "short and long budgets on the way)")
+    parser.add_argument("--extra-tasks", default="", help="comma-separated tasks that get --extra-budget")
     args = parser.parse_args(argv)
+    args.extra_tasks = [t for t in args.extra_tasks.split(",") if t] if args.extra_budget else []
     if args.quick:
         args.settings = args.settings or "default,objective=unsloth"
         args.tasks, args.seeds, args.budget = args.tasks or "reverse", 2, min(args.budget, 4)
         args.lrs, args.rows, args.heldout = "2e-3", 200, 8
-    args.settings = args.settings.split(",") if args.settings else list(SETTINGS)
+    if args.lora_targets:
+        targets = args.lora_targets.split(",")
+        if [t for t in targets if t not in LORA_TARGETS]:
+            parser.error(f"--lora-targets {args.lora_targets}: use some of {', '.join(LORA_TARGETS)}")
+        args.settings = [f"lora.targets={t}" for t in targets]
+        SETTINGS.update({s: {} for s in args.settings})
+    args.settings = args.settings.split(",") if isinstance(args.settings, str) else args.settings or list(SETTINGS)
     args.tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     unknown = [s for s in args.settings if s not in SETTINGS] + [t for t in args.tasks if t not in TASKS]
+    unknown += [t for t in args.extra_tasks if t not in args.tasks]
     if unknown:
         parser.error(f"unknown setting or task {unknown}: settings are {list(SETTINGS)}, tasks {list(TASKS)}")
     args.lrs = [float(x) for x in args.lrs.split(",")]
@@ -329,8 +361,10 @@ def main(argv=None):
     long = 4 * args.budget
 
     def job(setting, task, lr, seed):
-        return {**common, "setting": setting, "task": task, "steps": long, "scored": [args.budget, long], "lr": lr,
-                "seed": seed}
+        steps = args.extra_budget if task in args.extra_tasks else long
+        lora = {"targets": setting.split("=", 1)[1]} if setting.startswith("lora.targets=") else {}
+        return {**common, "setting": setting, "task": task, "steps": steps,
+                "scored": sorted({args.budget, long, steps}), "lr": lr, "seed": seed, "lora": lora}
 
     # the lr sweep: every lr on one task, seed 0 (the chosen lr's run is also the grid's)
     sweep = [job(s, args.sweep_task, lr, 0) for s in args.settings for lr in args.lrs] if len(args.lrs) > 1 else []
@@ -341,24 +375,33 @@ def main(argv=None):
     args.ran += ran
     seconds = time.monotonic() - started
     markdown = report(results, sweep, lrs, args, seconds)
-    plot(results, args, os.path.join(args.out, "ablation.png"))
-    write_report(os.path.join(args.out, "ABLATION.md"), markdown + "\n![exact match against budget](ablation.png)\n")
+    picture = "ablation_targets.png" if args.lora_targets else "ablation.png"
+    plot(results, args, os.path.join(args.out, picture))
+    markers = TARGET_MARKERS if args.lora_targets else MARKERS
+    write_report(os.path.join(args.out, "ABLATION.md"), markdown + f"\n![exact match against budget]({picture})\n",
+                 markers)
     print(markdown)
 
 
-BEGIN, END = "<!-- results: written by bench/objective_ablation.py -->", "<!-- end of results -->"
+MARKERS = ("<!-- results: written by bench/objective_ablation.py -->", "<!-- end of results -->")
+TARGET_MARKERS = ("<!-- lora targets: written by bench/objective_ablation.py --lora-targets -->",
+                  "<!-- end of lora targets -->")
 
 
-def write_report(path: str, results: str):
-    """The generated part goes between the markers; the prose around them (the conclusion) is kept on a rerun."""
+def write_report(path: str, results: str, markers: tuple[str, str] = MARKERS):
+    """The generated part goes between the markers (a new part goes at the end); the prose around them (the
+    conclusions) is kept on a rerun."""
+    begin, end = markers
     before, after = "# Objective ablation: which recipe teaches DiffusionGemma best per step\n\n", ""
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-        if BEGIN in text and END in text:
-            before, after = text[: text.index(BEGIN)], text[text.index(END) + len(END):]
+        if begin in text and end in text:
+            before, after = text[: text.index(begin)], text[text.index(end) + len(end):]
+        else:
+            before = text.rstrip("\n") + "\n\n"
     with open(path + ".tmp", "w") as f:
-        f.write(f"{before}{BEGIN}\n{results}\n{END}{after}")
+        f.write(f"{before}{begin}\n{results}\n{end}{after}")
     os.replace(path + ".tmp", path)
 
 

@@ -114,6 +114,7 @@ class Variant:
     objective: ObjectiveConfig
     compiled: bool = False  # --compile: the text layers through torch.compile (finetune.train.compile_layers)
     products: str = "default"  # --half-products: native (aten's half kernels everywhere) | fp32 (finetune.emulated)
+    expert_forward: str = "ours"  # expert LoRA: ours (finetune.expert_lora) | peft (its parametrisation of W + BA)
 
 
 @dataclass
@@ -256,9 +257,21 @@ def products(variant: Variant):
     return stack
 
 
+def set_expert_forward(model, which: str) -> None:
+    """Expert LoRA through our per-expert forward, or through peft's own (the stock way: W + BA for every expert)."""
+    from finetune import expert_lora
+
+    for _, outer in expert_lora.expert_wrappers(model):
+        if which == "peft":
+            outer.__dict__.pop("forward", None)  # the class's forward: peft's parametrisation
+        elif "forward" not in outer.__dict__:
+            expert_lora.install(model)
+
+
 def one_step(model, work: Workload, variant: Variant, device: str, profile: int = 0) -> tuple[float, int, int, float]:
     """(seconds, peak bytes over the baseline, baseline bytes, loss) of one forward + backward."""
     set_experts(model, variant.experts)
+    set_expert_forward(model, variant.expert_forward)
     set_compiled(model, variant.compiled)
     for p in model.parameters():
         p.grad = None
@@ -347,7 +360,9 @@ def model_flops(model, work: Workload, objective: ObjectiveConfig) -> dict:
         n_layers += sum(_frozen_numel(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
         n_layers += _frozen_numel(layer.mlp) + layer.router.proj.weight.numel()
         n_layers += _frozen_numel(layer.experts) * text.top_k_experts // text.num_experts
-        l_lora += _lora_numel(layer)
+        # a token runs the LoRA of the top-k experts it is routed to, not of all of them
+        experts_lora = _lora_numel(layer.experts)
+        l_lora += _lora_numel(layer) - experts_lora + experts_lora * text.top_k_experts // text.num_experts
     n_sc = _numel(base.model.decoder.self_conditioning)
     batch, noise, c = work.cpu_batch, work.cpu_noise, work.canvas_length
     bsz, length = batch["input_ids"].shape
@@ -403,6 +418,10 @@ def peak_tflops(override: float | None) -> tuple[str, float | None]:
 
 
 # --- cases --------------------------------------------------------------------------------------------------------
+TARGETS = ["attn_mlp"]  # --targets: the lora.targets the case's model is built with (main sets it per run)
+EXPERT_FORWARDS = ["ours"]  # --expert-forward
+
+
 def lora_model(config: DiffusionGemmaConfig, device: str, dtype: torch.dtype, seed: int = 0,
                quantization: str = "none"):
     torch.manual_seed(seed)
@@ -414,7 +433,7 @@ def lora_model(config: DiffusionGemmaConfig, device: str, dtype: torch.dtype, se
         if quantization == "all4bit":
             quantize_dense(model)
         quantize_experts(model)
-    model = attach_lora(model, LoraSettings())
+    model = attach_lora(model, LoraSettings(targets=TARGETS[0]))
     model.train()
     return model
 
@@ -424,12 +443,18 @@ def variants_for(objectives: dict[str, ObjectiveConfig], experts: list[str], com
     """Stock (eager experts) and lean (each experts implementation, each --half-products; with --compile, also
     compiled), per objective."""
     out = []
+    on_experts = TARGETS[0] in ("attn_mlp_experts", "experts")
+    tag = f" [{TARGETS[0]}]" if TARGETS[0] != "attn_mlp" else ""
     for suffix, objective in objectives.items():
+        suffix = tag + suffix
         if stock:
             out.append(Variant(f"stock eager{suffix}", False, "eager", objective))
         for h in half_products:
             label = "" if h == "default" else f" {h} products"
             out += [Variant(f"lean {e}{label}{suffix}", True, e, objective, products=h) for e in experts]
+            if on_experts and "peft" in EXPERT_FORWARDS:
+                out += [Variant(f"lean {e}{label} peft-experts{suffix}", True, e, objective, products=h,
+                                expert_forward="peft") for e in experts]
         if compiled:
             out.append(Variant(f"lean {experts[0]} compiled{suffix}", True, experts[0], objective, compiled=True))
     return out
@@ -469,8 +494,9 @@ def vocab_case(args, device: str) -> tuple[list, str | None]:
     variants = variants_for({", enc loss on": on, ", enc loss off": off}, args.experts, args.compile)
     rows = report("vocab", model, work, variants, device, args)
     by = {r["variant"]: r for r in rows}
-    lean_on, lean_off = by[f"lean {args.experts[0]}, enc loss on"], by[f"lean {args.experts[0]}, enc loss off"]
-    stock_on, stock_off = by["stock eager, enc loss on"], by["stock eager, enc loss off"]
+    tag = f" [{TARGETS[0]}]" if TARGETS[0] != "attn_mlp" else ""
+    lean_on, lean_off = by[f"lean {args.experts[0]}{tag}, enc loss on"], by[f"lean {args.experts[0]}{tag}, enc loss off"]
+    stock_on, stock_off = by[f"stock eager{tag}, enc loss on"], by[f"stock eager{tag}, enc loss off"]
     if not all("seconds" in r for r in (lean_on, lean_off, stock_on, stock_off)):
         return rows, "lean/stock peak memory ratio: n/a step time ratio: n/a (a variant ran out of memory)"
     for name, a, b in (("lean", lean_on, lean_off), ("stock", stock_on, stock_off)):
@@ -652,8 +678,14 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print each variant's top N ops by self CPU time (its last measured step)")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak, for MFU")
+    parser.add_argument("--targets", default="attn_mlp",
+                        help="comma list of lora.targets, each case run once per value (attn_mlp, attn_mlp_experts, "
+                             "experts: finetune/expert_lora.py)")
+    parser.add_argument("--expert-forward", default="ours",
+                        help="comma list of ours,peft: with expert targets, lean also through peft's own forward")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args(argv)
+    EXPERT_FORWARDS[:] = [e.strip() for e in args.expert_forward.split(",") if e.strip()]
     args.experts = [e.strip() for e in args.experts.split(",") if e.strip()]
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     args.half_products = [h.strip() for h in args.half_products.split(",") if h.strip()]
@@ -667,14 +699,16 @@ def main(argv=None) -> int:
     rows, final = [], None
     for case in cases:
         args.steps = steps_given or (10 if case == "tiny" else 3)
-        if case == "tiny":
-            case_rows, case_final = tiny_case(args, device)
-        elif case == "vocab":
-            case_rows, case_final = vocab_case(args, device)
-        else:
-            case_rows, case_final = real_case(args, device, case)
-        rows += case_rows
-        final = case_final or final
+        for targets in [t.strip() for t in args.targets.split(",") if t.strip()]:
+            TARGETS[:] = [targets]
+            if case == "tiny":
+                case_rows, case_final = tiny_case(args, device)
+            elif case == "vocab":
+                case_rows, case_final = vocab_case(args, device)
+            else:
+                case_rows, case_final = real_case(args, device, case)
+            rows += [{**r, "targets": targets} for r in case_rows]
+            final = case_final or final
     if args.json:
         meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(["python bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]),
                 "device": peak_tflops(args.peak_tflops)[0], "torch": torch.__version__,
