@@ -193,12 +193,13 @@ def test_default_run_takes_under_5_minutes_start_to_finish(default_run):
 
 def expert_run(default_run, name: str, *overrides: str):
     """A short tiny run with LoRA on the experts too, exported as adapter and merged (each verified by the export
-    in a fresh process against the trained model)."""
+    in a fresh process against the trained model). Merged in float32, where the check is exact on any CPU (a bf16
+    merge may flip a router near-tie, which the check allows at one position in ten: tests/finetune/test_export.py)."""
     tmp, env, _ = default_run
     run = tmp / name
     result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={run}", "lora.targets=attn_mlp_experts",
                              *overrides, "train.max_steps=20", "eval.max_examples=8", "eval.benchmark.max_examples=8",
-                             "train.report_to=none", "export.format=both"],
+                             "train.report_to=none", "export.format=both", "export.dtype=float32"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for kind in ("adapter", "merged"):
