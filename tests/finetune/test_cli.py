@@ -82,7 +82,7 @@ def test_every_recipe_opens_with_the_command_that_runs_it():
     [
         (["objective.loss_on=everything"], "objective.loss_on='everything' is not one of supervised, corrupted"),
         (["objective.t_min=1.5"], "objective.t_min=1.5 must be in [0, 1)"),
-        (["lora.targets=experts"], "lora.targets='experts': use one of attn_mlp, attn, mlp"),
+        (["lora.targets=router"], "lora.targets='router': use one of attn_mlp, attn, mlp, attn_mlp_experts, experts"),
         (["lora.placement=decoder"], "lora.placement=decoder leaves the encoder frozen"),
         (["lora.placement=separate", "objective=unsloth"], "leaves part of the encoder LoRA untrainable"),
     ],
