@@ -21,7 +21,6 @@ twin's delta into the one tensor encoder and decoder share, so twice (finetune.e
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from finetune.errors import UserError
 
@@ -141,24 +140,16 @@ def experts_forward(experts, lora: dict, hidden, top_k_index, top_k_weights):
     return _eager(experts, lora, hidden, top_k_index, top_k_weights)
 
 
-def _with_lora(x, weight, pairs, e):
-    """x W_e^T + sum over adapters of s (x A_e^T) B_e^T."""
-    y = nn.functional.linear(x, weight)
-    for a, b, scale in pairs:
-        y = y + nn.functional.linear(nn.functional.linear(x, a[e]), b[e]) * scale
-    return y
-
-
 def _eager(experts, lora, hidden, top_k_index, top_k_weights):
     """transformers' eager expert loop (DiffusionGemmaTextExperts.forward), each expert's delta on its tokens."""
-    from finetune.quantize import routes
+    from finetune.quantize import lora_linear, routes
 
     gate_up_lora, down_lora = lora.get("gate_up_proj", []), lora.get("down_proj", [])
     out = torch.zeros_like(hidden)
     for e, tokens, slots in routes(top_k_index, experts.num_experts):
         x = hidden[tokens]
-        gate, up = _with_lora(x, experts.gate_up_proj[e], gate_up_lora, e).chunk(2, dim=-1)
-        y = _with_lora(experts.act_fn(gate) * up, experts.down_proj[e], down_lora, e)
+        gate, up = lora_linear(x, experts.gate_up_proj[e], gate_up_lora, e)[0].chunk(2, dim=-1)
+        y, _ = lora_linear(experts.act_fn(gate) * up, experts.down_proj[e], down_lora, e)
         out.index_add_(0, tokens, (y * top_k_weights[tokens, slots, None]).to(out.dtype))
     return out
 

@@ -136,7 +136,7 @@ def routes(top_k_index: torch.Tensor, num_experts: int):
         start += count
 
 
-def _lora_out(x, w, pairs, e):
+def lora_linear(x, w, pairs, e):
     """x w^T plus each LoRA pair's s (x A_e^T) B_e^T, and the rank-r inputs x A_e^T (kept for backward)."""
     y = nn.functional.linear(x, w)
     us = []
@@ -181,9 +181,9 @@ class _Experts4bit(torch.autograd.Function):
         out = torch.zeros_like(hidden)
         gate_up, down = experts.gate_up_4bit, experts.down_4bit
         for e, tokens, slots in routes(top_k_index, gate_up.num_experts):
-            z, _ = _lora_out(hidden[tokens], gate_up.dequantize(e, hidden.dtype), gate_up_lora, e)
+            z, _ = lora_linear(hidden[tokens], gate_up.dequantize(e, hidden.dtype), gate_up_lora, e)
             gate, up = z.chunk(2, dim=-1)
-            y, _ = _lora_out(experts.act_fn(gate) * up, down.dequantize(e, hidden.dtype), down_lora, e)
+            y, _ = lora_linear(experts.act_fn(gate) * up, down.dequantize(e, hidden.dtype), down_lora, e)
             out.index_add_(0, tokens, (y * top_k_weights[tokens, slots, None]).to(out.dtype))
         return out
 
@@ -204,7 +204,7 @@ class _Experts4bit(torch.autograd.Function):
         for e, tokens, slots in routes(top_k_index, gate_up.num_experts):
             x = hidden[tokens]
             w_gate_up = gate_up.dequantize(e, hidden.dtype)
-            z, us_gate_up = _lora_out(x, w_gate_up, gate_up_lora, e)
+            z, us_gate_up = lora_linear(x, w_gate_up, gate_up_lora, e)
             gate, up = z.chunk(2, dim=-1)
             with torch.enable_grad():  # the activation's own derivative, whatever act_fn is
                 gate = gate.detach().requires_grad_()
@@ -215,7 +215,7 @@ class _Experts4bit(torch.autograd.Function):
             g = grad_out[tokens]
             routing = top_k_weights[tokens, slots, None]
             if grad_weights is not None:
-                y, _ = _lora_out(h, w_down, down_lora, e)
+                y, _ = lora_linear(h, w_down, down_lora, e)
                 grad_weights[tokens, slots] = (g.float() * y.float()).sum(-1).to(grad_weights.dtype)
             grad_y = (g * routing).to(hidden.dtype)
             us_down = [nn.functional.linear(h, a[e]) for a, _, _ in down_lora]
